@@ -1,0 +1,593 @@
+"""Text-to-image and inpainting over one loaded latent diffusion model.
+
+``LatentDiffusionPipeline.generate`` is the batched primitive the worker uses:
+many independent rows (prompt, seed, steps, guidance, eta, optional inpainting
+inputs) sampled in one DDIM run. ``txt2img`` and ``inpaint`` are conveniences on
+top of it. A row's image depends only on the model, the row and the size, never
+on its batch-mates: every random draw comes from the row's own generator.
+
+Per-row randomness, in order (all from ``torch.Generator().manual_seed(seed)`` on
+the CPU, so the same seed gives the same noise on any device):
+
+1. ``x_T ~ N(0, I)`` of shape ``[C, H/f, W/f]``;
+2. for inpainting rows whose first stage is KL: the posterior sample of the
+   (masked) source image;
+3. inside DDIM: mask-blend noise and eta noise per step (``ldm.sampling``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.autoencoder import AutoencoderKL
+from ldm.config import ClassEmbedderConfig, ModelConfig
+from ldm.denoiser import GuidedDenoiser, RowSerialUNet
+from ldm.loader import LoadedModel, load_model
+from ldm.sampling import MaskBlend, StepState, sample_ddim
+from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
+from ldm_serve.errors import InvalidInput
+
+__all__ = [
+    "GenerationResult",
+    "GenerationRow",
+    "LatentDiffusionPipeline",
+    "RowProgress",
+    "load_pipeline",
+]
+
+MAX_SEED = 2**63 - 1
+MAX_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    """One image to generate.
+
+    Attributes:
+        prompt: the text (for class-conditional models: the class id as a string).
+        seed: the only source of randomness for this row.
+        negative_prompt: conditioning of the unconditional half of guidance.
+        steps: requested DDIM steps (see :meth:`LatentDiffusionPipeline.step_count`).
+        guidance_scale: classifier-free guidance ``s``; 1 = no guidance (one UNet pass).
+        eta: DDIM eta in [0, 1].
+        image: inpainting source, any PIL mode (converted to RGB).
+        mask: inpainting mask, white (>= 128 in ``L`` mode) = repaint.
+    """
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class RowProgress:
+    """Progress of one row after a DDIM iteration."""
+
+    row: int
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Images and the seeds that made them (same order)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+
+
+StepHook = Callable[[list[RowProgress]], Iterable[int] | None]
+ImageHook = Callable[[int, Image.Image], None]
+
+
+class LatentDiffusionPipeline:
+    """A loaded model plus the sampling logic around it.
+
+    Args:
+        model: the components from :func:`ldm.loader.load_model`.
+        name: model id reported to clients.
+        timestep_spacing: DDIM discretization; ``"uniform"`` is the original LDM one.
+        untrained: True for random-weight models (the service says so loudly).
+        batch_invariant: run the UNet one row at a time so that a row's image is
+            bit-identical alone or batched (``None``: on for CPU, where oneDNN/MKL
+            round differently per batch size; off for CUDA until batch-invariant
+            kernels land there).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        name: str = "model",
+        timestep_spacing: TimestepSpacing = "uniform",
+        untrained: bool = False,
+        batch_invariant: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.name = name
+        self.timestep_spacing: TimestepSpacing = timestep_spacing
+        self.untrained = untrained
+        first_param = next(model.unet.parameters())
+        self.device: torch.device = first_param.device
+        self.dtype: torch.dtype = first_param.dtype
+        self.downsample_factor: int = self.config.downsample_factor
+        # the UNet halves the latent len(channel_mult) - 1 times and concatenates skips,
+        # so latent sides must be divisible by 2^(levels - 1)
+        self.size_multiple: int = self.downsample_factor * 2 ** (len(self.config.unet.channel_mult) - 1)
+        self.default_size: int = self.config.default_image_size
+        self.latent_channels: int = self.config.unet.out_channels
+        self.max_prompt_tokens: int = model.tokenizer.max_length if model.tokenizer is not None else 0
+        self.inpaint_mode: Literal["concat", "blend"] = "concat" if self.config.inpaint_mode else "blend"
+        self._alphas_cumprod = model.alphas_cumprod.to(torch.float32)
+        self._alphas_device = self._alphas_cumprod.to(self.device)
+        self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
+
+    # ------------------------------------------------------------------ validation
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return isinstance(self.config.cond_stage, ClassEmbedderConfig)
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.model.tokenizer is not None
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        """Tokens the prompt takes, specials included (0 for models without text)."""
+        if self.model.tokenizer is None:
+            return 0
+        return self.model.tokenizer.count_tokens(prompt)
+
+    def step_count(self, steps: int) -> int:
+        """Real DDIM iterations for a requested step count (the original 'uniform'
+        discretization runs more than ``steps`` when it does not divide 1000)."""
+        return ddim_step_count(steps, self.config.timesteps, self.timestep_spacing)
+
+    def validate_size(self, width: int, height: int) -> None:
+        """Raise :class:`InvalidInput` unless both sides fit the model's geometry."""
+        m = self.size_multiple
+        for field, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidInput(field, f"must be an integer, got {value!r}")
+            if value < m or value > MAX_SIDE:
+                raise InvalidInput(field, f"must be between {m} and {MAX_SIDE} pixels, got {value}")
+            if value % m:
+                raise InvalidInput(
+                    field,
+                    f"must be a multiple of {m} for this model (latent factor {self.downsample_factor} "
+                    f"x {m // self.downsample_factor} UNet downsamplings), got {value}",
+                )
+
+    def validate_row(self, row: GenerationRow, width: int, height: int) -> None:
+        """Raise :class:`InvalidInput` naming the field if ``row`` cannot be generated."""
+        self.validate_size(width, height)
+        if not isinstance(row.seed, int) or not 0 <= row.seed <= MAX_SEED:
+            raise InvalidInput("seed", f"must be an integer in [0, {MAX_SEED}], got {row.seed!r}")
+        if not isinstance(row.steps, int) or row.steps < 1 or row.steps > self.config.timesteps:
+            raise InvalidInput("steps", f"must be an integer in [1, {self.config.timesteps}], got {row.steps!r}")
+        self.step_count(row.steps)  # raises for spacings that cannot make that many steps
+        if not 0.0 <= float(row.eta) <= 1.0:
+            raise InvalidInput("eta", f"must be in [0, 1], got {row.eta}")
+        if not 0.0 <= float(row.guidance_scale) <= 50.0:
+            raise InvalidInput("guidance_scale", f"must be in [0, 50], got {row.guidance_scale}")
+        for field, text in (("prompt", row.prompt), ("negative_prompt", row.negative_prompt)):
+            if not isinstance(text, str):
+                raise InvalidInput(field, "must be a string")
+            if self.is_text_conditional:
+                n = self.count_prompt_tokens(text)
+                if n > self.max_prompt_tokens:
+                    raise InvalidInput(
+                        field, f"is {n} tokens long; the model reads at most {self.max_prompt_tokens}"
+                    )
+        if self.is_class_conditional:
+            self._class_id(row.prompt, "prompt")
+            if row.guidance_scale != 1.0:
+                self._uncond_class_id()
+        elif self.config.cond_stage is None and not self.config.inpaint_mode and row.guidance_scale != 1.0:
+            raise InvalidInput("guidance_scale", "must be 1 for an unconditional model")
+        if (row.image is None) != (row.mask is None):
+            raise InvalidInput("mask" if row.mask is None else "image", "inpainting needs both image and mask")
+        if row.image is not None and row.mask is not None:
+            if row.image.size != (width, height):
+                raise InvalidInput(
+                    "image", f"is {row.image.size[0]}x{row.image.size[1]}, expected {width}x{height}"
+                )
+            if row.mask.size != row.image.size:
+                raise InvalidInput(
+                    "mask",
+                    f"is {row.mask.size[0]}x{row.mask.size[1]}, must match the image "
+                    f"({row.image.size[0]}x{row.image.size[1]})",
+                )
+        elif self.config.inpaint_mode:
+            raise InvalidInput("image", "this is an inpainting model: image and mask are required")
+
+    def _class_id(self, text: str, field: str) -> int:
+        assert isinstance(self.config.cond_stage, ClassEmbedderConfig)
+        n = self.config.cond_stage.n_classes
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise InvalidInput(field, f"must be a class id in [0, {n - 1}] for this class-conditional model") from None
+        if not 0 <= value < n:
+            raise InvalidInput(field, f"class id must be in [0, {n - 1}], got {value}")
+        return value
+
+    def _uncond_class_id(self) -> int:
+        """The null class used for guidance (cin256-v2: 1001 classes, class 1000 = unconditional)."""
+        cfg = self.config.cond_stage
+        assert isinstance(cfg, ClassEmbedderConfig)
+        if cfg.unconditional_class is not None:
+            return cfg.unconditional_class
+        if cfg.n_classes == 1001:
+            return 1000
+        raise InvalidInput(
+            "guidance_scale", "must be 1: this class-conditional model has no unconditional class"
+        )
+
+    # ------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[N, L, D]`` cross-attention context for ``prompts``."""
+        assert self.model.tokenizer is not None and self.model.cond_stage is not None
+        ids = self.model.tokenizer(list(prompts)).to(self.device)  # [N, L]
+        if self.batch_invariant:
+            return torch.cat([self.model.cond_stage(ids[i : i + 1]) for i in range(ids.shape[0])]).to(self.dtype)
+        return self.model.cond_stage(ids).to(self.dtype)
+
+    def _conditioning(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | None]:
+        guided = [r.guidance_scale != 1.0 for r in rows]
+        if self.is_text_conditional:
+            context = self.encode_text([r.prompt for r in rows])
+            uncond = self.encode_text([r.negative_prompt for r in rows]) if any(guided) else None
+            return {"context": context, "uncond_context": uncond}
+        if self.is_class_conditional:
+            ids = torch.tensor([self._class_id(r.prompt, "prompt") for r in rows], device=self.device)
+            context = self.model.cond_stage(ids).to(self.dtype)
+            uncond = None
+            if any(guided):
+                null = torch.full_like(ids, self._uncond_class_id())
+                uncond = self.model.cond_stage(null).to(self.dtype)
+            return {"context": context, "uncond_context": uncond}
+        return {"context": None, "uncond_context": None}
+
+    # ------------------------------------------------------------------ images <-> latents
+
+    def _image_tensor(self, image: Image.Image) -> torch.Tensor:
+        """PIL -> ``[1, 3, H, W]`` float32 in [0, 1]."""
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+
+    def _mask_tensor(self, mask: Image.Image) -> torch.Tensor:
+        """PIL -> ``[1, 1, H, W]`` float32, 1 = repaint (binarised at 0.5 as the original)."""
+        arr = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+        return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
+
+    @torch.no_grad()
+    def _encode_latent(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``[1, 3, H, W]`` in [-1, 1] -> scaled latent ``[1, C, H/f, W/f]`` (a posterior sample for KL)."""
+        fs = self.model.first_stage
+        x = pixels.to(self.device, self.dtype)
+        if isinstance(fs, AutoencoderKL):
+            posterior = fs.encode(x)
+            noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32)
+            z = posterior.mean.float() + posterior.std.float() * noise.to(self.device)
+        else:
+            z = fs.encode(x).float()  # VQ: the pre-quantization latent (LDM diffuses in it)
+        return z * self.model.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
+        """``[N, C, h, w]`` scaled latents -> PIL images (``clamp((x + 1) / 2)``, rounded to uint8)."""
+        z = (z / self.model.scale_factor).to(self.dtype)
+        fs = self.model.first_stage
+        if self.batch_invariant:
+            x = torch.cat([fs.decode(z[i : i + 1]) for i in range(z.shape[0])]).float()
+        else:
+            x = fs.decode(z).float()
+        x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+        arr = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def generate(
+        self,
+        rows: Sequence[GenerationRow],
+        width: int,
+        height: int,
+        *,
+        on_step: StepHook | None = None,
+        on_image: ImageHook | None = None,
+    ) -> list[Image.Image | None]:
+        """Sample every row in one batched DDIM run; see the module docstring.
+
+        Args:
+            rows: the images to make; all share ``width`` x ``height``.
+            on_step: called after every iteration with the rows still running;
+                returning row indices cancels those rows (their result is ``None``).
+            on_image: called with ``(row, image)`` as soon as a row is decoded
+                (rows with fewer steps finish, and are decoded, earlier).
+
+        Returns:
+            One image per row, ``None`` for canceled rows.
+
+        Raises:
+            InvalidInput: a row is invalid (nothing is sampled then).
+        """
+        results: list[Image.Image | None] = [None] * len(rows)
+
+        def finished(indices: list[int], latents: torch.Tensor) -> None:
+            for i, img in zip(indices, self.decode_latents(latents), strict=True):
+                img = self._paste_known(rows[i], img)
+                results[i] = img
+                if on_image is not None:
+                    on_image(i, img)
+
+        self.generate_latents(rows, width, height, on_step=on_step, on_finished=finished)
+        return results
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        rows: Sequence[GenerationRow],
+        width: int,
+        height: int,
+        *,
+        on_step: StepHook | None = None,
+        on_finished: Callable[[list[int], torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, set[int]]:
+        """The sampling half of :meth:`generate`: final latents ``[B, C, H/f, W/f]``
+        (scaled, as the UNet sees them) and the set of canceled rows.
+
+        ``on_finished(indices, latents)`` is called as soon as rows complete their
+        last step, with their final latents.
+        """
+        if not rows:
+            return torch.empty(0), set()
+        for row in rows:
+            self.validate_row(row, width, height)
+        b = len(rows)
+        h, w = height // self.downsample_factor, width // self.downsample_factor
+        generators = [torch.Generator().manual_seed(r.seed) for r in rows]
+        # 1. x_T per row, drawn on the CPU from the row's generator   # [B, C, h, w]
+        x_T = torch.stack(
+            [torch.randn((self.latent_channels, h, w), generator=g, dtype=torch.float32) for g in generators]
+        ).to(self.device)
+
+        inpaint = self._inpainting_inputs(rows, generators, (h, w))
+        cond = self._conditioning(rows)
+        scales = [1.0 if self.config.inpaint_mode == "ldm" else float(r.guidance_scale) for r in rows]
+        unet = RowSerialUNet(self.model.unet) if self.batch_invariant else self.model.unet
+        denoiser = GuidedDenoiser(
+            unet,
+            guidance_scale=scales,
+            context=cond["context"],
+            uncond_context=cond["uncond_context"],
+            c_concat=inpaint["c_concat"],
+            parameterization=self.config.parameterization,
+            alphas_cumprod=self._alphas_device,
+            model_dtype=self.dtype,
+        )
+        timesteps = [ddim_timesteps(r.steps, self.config.timesteps, self.timestep_spacing) for r in rows]
+        done: set[int] = set()
+        canceled: set[int] = set()
+
+        def callback(state: StepState) -> Iterable[int] | None:
+            canceled.update(state.canceled)
+            newly = [
+                i
+                for i in range(b)
+                if i not in done and i not in state.canceled and state.steps_done[i] == state.steps_total[i]
+            ]
+            if newly:
+                done.update(newly)
+                if on_finished is not None:
+                    on_finished(newly, state.x[newly])
+            if on_step is None:
+                return None
+            progress = [
+                RowProgress(row=i, step=state.steps_done[i], total=state.steps_total[i])
+                for i in state.active.tolist()
+            ]
+            cancel = on_step(progress)
+            if cancel is None:
+                return None
+            dropped = [int(i) for i in cancel if int(i) not in done]
+            canceled.update(dropped)
+            return dropped
+
+        latents = sample_ddim(
+            denoiser,
+            x_T,
+            timesteps,
+            self._alphas_device,
+            eta=torch.tensor([float(r.eta) for r in rows]),
+            generators=generators,
+            blend=inpaint["blend"],
+            callback=callback,
+        )
+        return latents, canceled
+
+    def _inpainting_inputs(
+        self, rows: Sequence[GenerationRow], generators: list[torch.Generator], latent_hw: tuple[int, int]
+    ) -> dict[str, torch.Tensor | MaskBlend | None]:
+        """Concat conditioning (inpainting UNets) or a mask blend (plain UNets)."""
+        with_image = [r.image is not None for r in rows]
+        if not any(with_image):
+            return {"c_concat": None, "blend": None}
+        mode = self.config.inpaint_mode
+        concat, x0s, keeps = [], [], []
+        for r, g in zip(rows, generators, strict=True):
+            if r.image is None:  # plain row in a blending batch: blends nothing
+                x0s.append(torch.zeros((1, self.latent_channels, *latent_hw), device=self.device))
+                keeps.append(torch.ones((1, 1, *latent_hw), device=self.device))
+                continue
+            image = self._image_tensor(r.image)  # [1, 3, H, W] in [0, 1]
+            repaint = self._mask_tensor(r.mask)  # [1, 1, H, W], 1 = repaint
+            if mode == "sd":
+                # RW LatentInpaintDiffusion: masked = image * (mask < 0.5), UNet in = [x | mask | latent(masked)]
+                masked = (image * 2.0 - 1.0) * (1.0 - repaint)
+                masked_latent = self._encode_latent(masked, g)
+                small = F.interpolate(repaint, size=latent_hw, mode="nearest").to(self.device)
+                concat.append(torch.cat([small, masked_latent], dim=1))
+            elif mode == "ldm":
+                # LDM scripts/inpaint.py: masked = (1 - mask) * image, everything mapped to [-1, 1]
+                masked = ((1.0 - repaint) * image) * 2.0 - 1.0
+                c = self._encode_latent(masked, g)
+                cc = F.interpolate(repaint * 2.0 - 1.0, size=latent_hw, mode="nearest").to(self.device)
+                concat.append(torch.cat([c, cc], dim=1))
+            else:
+                x0s.append(self._encode_latent(image * 2.0 - 1.0, g))
+                # a latent cell is regenerated if any pixel it covers is to be repainted
+                keeps.append(1.0 - F.adaptive_max_pool2d(repaint, latent_hw).to(self.device))
+        if mode:
+            return {"c_concat": torch.cat(concat).to(self.dtype), "blend": None}
+        rows_mask = torch.tensor(with_image)
+        return {"c_concat": None, "blend": MaskBlend(x0=torch.cat(x0s), mask=torch.cat(keeps), rows=rows_mask)}
+
+    def _paste_known(self, row: GenerationRow, image: Image.Image) -> Image.Image:
+        """Inpainting: put the source pixels back where the mask says keep (the original
+        scripts composite in pixel space too)."""
+        if row.image is None or row.mask is None:
+            return image
+        keep = Image.fromarray(((self._mask_tensor(row.mask)[0, 0].numpy() < 0.5) * 255).astype(np.uint8))
+        return Image.composite(row.image.convert("RGB"), image, keep)
+
+    # ------------------------------------------------------------------ conveniences
+
+    def _seeds(self, num_images: int, seeds: Sequence[int] | int | None) -> list[int]:
+        if num_images < 1:
+            raise InvalidInput("num_images", f"must be at least 1, got {num_images}")
+        if seeds is None:
+            rng = random.SystemRandom()
+            return [rng.randrange(0, 2**32) for _ in range(num_images)]
+        if isinstance(seeds, int):
+            return [seeds + i for i in range(num_images)]
+        if len(seeds) != num_images:
+            raise InvalidInput("seeds", f"got {len(seeds)} seeds for {num_images} images")
+        return [int(s) for s in seeds]
+
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        num_images: int = 1,
+        seeds: Sequence[int] | int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        width: int | None = None,
+        height: int | None = None,
+        on_step: StepHook | None = None,
+    ) -> GenerationResult:
+        """Generate ``num_images`` images for one prompt; image ``i`` uses ``seeds[i]``
+        (an int seed gives ``seed + i``; none gives random seeds, returned)."""
+        width = width or self.default_size
+        height = height or self.default_size
+        used = self._seeds(num_images, seeds)
+        rows = [
+            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta) for s in used
+        ]
+        images = self.generate(rows, width, height, on_step=on_step)
+        return GenerationResult([im for im in images if im is not None], used)
+
+    def inpaint(
+        self,
+        image: Image.Image,
+        mask: Image.Image,
+        prompt: str = "",
+        negative_prompt: str = "",
+        *,
+        num_images: int = 1,
+        seeds: Sequence[int] | int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        on_step: StepHook | None = None,
+    ) -> GenerationResult:
+        """Repaint the white part of ``mask`` in ``image`` (output size = image size).
+
+        Inpainting models (SD-inpainting, LDM ``inpainting_big``) take the masked
+        image as concat conditioning; other models blend the re-noised source into
+        the known region at every DDIM step. Known pixels are pasted back at the end.
+        """
+        width, height = image.size
+        used = self._seeds(num_images, seeds)
+        rows = [
+            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, mask=mask)
+            for s in used
+        ]
+        images = self.generate(rows, width, height, on_step=on_step)
+        return GenerationResult([im for im in images if im is not None], used)
+
+
+def _read_metadata(path: Path) -> dict[str, object]:
+    """Optional ``<stem>.json`` beside a checkpoint: ``{"name": ..., "untrained": bool}``."""
+    meta = path.with_suffix(".json") if path.is_file() else path / "ldm_serve.json"
+    if meta.is_file():
+        try:
+            data = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            return {}
+        return data if isinstance(data, dict) else {}
+    return {}
+
+
+def load_pipeline(
+    path: str | Path,
+    config: ModelConfig | str | Path | dict | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    use_ema: bool | None = None,
+    tokenizer_dir: str | Path | None = None,
+    name: str | None = None,
+    timestep_spacing: TimestepSpacing = "uniform",
+    batch_invariant: bool | None = None,
+) -> LatentDiffusionPipeline:
+    """Load a checkpoint (original single file or diffusers folder) into a pipeline.
+
+    Args:
+        path: ``.ckpt`` / ``.safetensors`` file or a diffusers-format folder.
+        config: a :class:`ModelConfig`, an original YAML (path or dict), or ``None``
+            to use ``<stem>.yaml`` beside the file or infer the family from shapes.
+        device, dtype: where and in which precision the modules live.
+        use_ema: take ``model_ema.*`` weights (``None``: when the config says so).
+        tokenizer_dir: folder with ``vocab.json`` + ``merges.txt`` (CLIP) or
+            ``vocab.txt`` (BERT); default ``tokenizer/`` beside the checkpoint.
+        name: model id; default from ``<stem>.json`` or the file stem.
+        timestep_spacing: DDIM discretization, ``"uniform"`` as in the original code.
+        batch_invariant: see :class:`LatentDiffusionPipeline`.
+    """
+    path = Path(path)
+    model = load_model(
+        path, config, device=device, dtype=dtype, use_ema=use_ema, tokenizer_dir=tokenizer_dir
+    )
+    meta = _read_metadata(path)
+    model_name = name or str(meta.get("name") or (path.stem if path.is_file() else path.name))
+    return LatentDiffusionPipeline(
+        model,
+        name=model_name,
+        timestep_spacing=timestep_spacing,
+        untrained=bool(meta.get("untrained", False)),
+        batch_invariant=batch_invariant,
+    )

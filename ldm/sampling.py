@@ -1,0 +1,367 @@
+"""DDIM sampling (Song et al. 2021) as a pure function over a batch of independent rows.
+
+``sample_ddim`` holds no state between calls. Each batch row is its own request:
+its own timestep list (so its own step count), its own ``eta`` and its own
+``torch.Generator``. A row's result is bit-identical whether it runs alone or
+with other rows, provided the denoiser is row-wise (see ``tests/unit/test_sampling.py``).
+
+Update rule, per row, exactly as CompVis ``DDIMSampler.p_sample_ddim`` (paper eq. 12):
+
+    pred_x0 = (x_t - sqrt(1 - a_t) · e) / sqrt(a_t)
+    sigma   = eta · sqrt((1 - a_prev) / (1 - a_t) · (1 - a_t / a_prev))
+    x_prev  = sqrt(a_prev) · pred_x0 + sqrt(1 - a_prev - sigma²) · e + sigma · z,   z ~ N(0, I)
+
+with ``a_t = alphā[t_i]`` and ``a_prev = alphā[t_{i+1}]``; on a row's last step
+``a_prev = alphā[0]`` (not 1.0; diffusers' ``set_alpha_to_one=False``).
+
+Randomness. Every draw for row ``b`` comes from ``generators[b]`` with the shape of
+one row ``[C, h, w]``, so it does not depend on the batch. Per row and step the
+draw order is:
+
+1. mask-blend noise (only rows with ``blend.rows[b]``),
+2. eta noise (only rows with ``eta[b] > 0``, on every step including the last).
+
+Nothing is drawn for a row that needs neither. Draws happen on the generator's own
+device (a CPU generator gives the same stream for CPU and GPU latents) and are then
+moved to ``x_T``'s device. The caller draws ``x_T`` itself,
+normally from the same generator before calling (``randn([1, C, h, w], generator=g)``).
+A row whose generator is ``None`` draws from torch's global RNG (not reproducible).
+Give each row its own generator object: two rows sharing one generator see each
+other's draws and lose batch invariance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ldm_serve.errors import InvalidInput
+
+__all__ = ["Denoiser", "MaskBlend", "StepCallback", "StepState", "sample_ddim"]
+
+
+class Denoiser(Protocol):
+    """The sampler's view of a network: predicts the noise ``e`` in ``x_t``.
+
+    Args:
+        x: ``[N, C, h, w]`` float32 noisy latents of the rows being denoised.
+        t: ``[N]`` int64 training timesteps, one per row (on ``x.device``).
+        rows: ``[N]`` int64 **CPU** tensor, the indices of these rows in the full
+            batch, so a wrapper can pick its per-row conditioning (on the host, so
+            it can branch on them without a device sync).
+
+    Returns:
+        ``[N, C, h, w]`` predicted noise (any float dtype; the sampler casts it to float32).
+    """
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MaskBlend:
+    """Inpainting by mask blending inside DDIM (CompVis ``ddim_sampling(mask=, x0=)``).
+
+    Before every step, for each blending row: ``x_known = sqrt(a_t) · x0 + sqrt(1 - a_t) · z``
+    with fresh ``z`` from the row's generator, then ``x = x_known · mask + (1 - mask) · x``.
+    There is no blend after the last step (paste the known pixels back in image space).
+
+    Attributes:
+        x0: ``[B, C, h, w]`` clean (scaled) latents of the source image.
+        mask: ``[B, 1, h, w]`` (or ``[B, C, h, w]``) at latent resolution, **1 = KEEP** the
+            known region, 0 = generate (the CompVis convention). Use
+            :meth:`from_repaint_mask` for masks where 1 marks the hole.
+        rows: ``[B]`` bool, which rows blend; ``None`` = every row.
+    """
+
+    x0: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    @classmethod
+    def from_repaint_mask(
+        cls, x0: torch.Tensor, repaint_mask: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> MaskBlend:
+        """Build from a mask with **1 = repaint** (the diffusers / SD-inpaint convention)."""
+        return cls(x0=x0, mask=1.0 - repaint_mask, rows=rows)
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What the callback sees after each iteration of the sampling loop.
+
+    Attributes:
+        iteration: 0-based loop iteration; row ``b`` is at iteration ``i`` on its step ``i``.
+        steps_done: per row, steps completed so far (after this iteration).
+        steps_total: per row, the length of its timestep list.
+        x: ``[B, C, h, w]`` float32 latents after this iteration (a fresh tensor
+            each iteration; do not modify it).
+        pred_x0: ``[N, C, h, w]`` this iteration's predicted clean latents for the
+            rows in ``active``, in that order.
+        active: ``[N]`` int64 CPU, the rows updated in this iteration.
+        canceled: rows stopped early by earlier callback returns (cumulative).
+    """
+
+    iteration: int
+    steps_done: tuple[int, ...]
+    steps_total: tuple[int, ...]
+    x: torch.Tensor
+    pred_x0: torch.Tensor
+    active: torch.Tensor
+    canceled: frozenset[int]
+
+
+StepCallback = Callable[[StepState], bool | Iterable[int] | None]
+"""Called after every iteration. Return ``None``/``False`` to go on, ``True`` to cancel
+every row, or an iterable of row indices to cancel those rows. A canceled row is not
+denoised again and its latent in the result stays as it was after its last completed
+step; cancelling a row that has already finished is a no-op. The loop ends as soon as
+no row has steps left."""
+
+
+def _as_row_list(name: str, value: Sequence[object] | None, batch: int) -> list:
+    if value is None:
+        return [None] * batch
+    if len(value) != batch:
+        raise InvalidInput(name, f"got {len(value)} entries for a batch of {batch} rows")
+    return list(value)
+
+
+def _check_timesteps(timesteps: Sequence[torch.Tensor], batch: int, num_train: int) -> list[torch.Tensor]:
+    """Validate per-row timestep lists; return them as CPU int64 tensors."""
+    if len(timesteps) != batch:
+        raise InvalidInput("timesteps", f"got {len(timesteps)} timestep lists for a batch of {batch} rows")
+    out = []
+    for b, ts in enumerate(timesteps):
+        ts = torch.as_tensor(ts).detach().cpu()
+        if ts.ndim != 1 or ts.numel() == 0 or ts.is_floating_point() or ts.dtype == torch.bool:
+            raise InvalidInput("timesteps", f"row {b}: expected a non-empty 1-D integer tensor, got {ts}")
+        ts = ts.to(torch.int64)
+        if int(ts.min()) < 0 or int(ts.max()) >= num_train:
+            raise InvalidInput("timesteps", f"row {b}: values must lie in 0..{num_train - 1}")
+        if ts.numel() > 1 and bool((ts[1:] > ts[:-1]).any()):
+            raise InvalidInput("timesteps", f"row {b}: must be descending (the order they are visited)")
+        out.append(ts)
+    return out
+
+
+def _check_eta(eta: torch.Tensor | float, batch: int) -> list[float]:
+    eta_t = torch.as_tensor(eta, dtype=torch.float64).detach().cpu()
+    if eta_t.ndim == 0:
+        eta_t = eta_t.expand(batch)
+    if eta_t.shape != (batch,):
+        raise InvalidInput("eta", f"expected a scalar or shape [{batch}], got {list(eta_t.shape)}")
+    values = eta_t.tolist()
+    for b, e in enumerate(values):
+        if not 0.0 <= e <= 1.0:  # also rejects NaN
+            raise InvalidInput("eta", f"row {b}: must be in [0, 1], got {e}")
+    return values
+
+
+def _check_blend(blend: MaskBlend | None, x: torch.Tensor) -> list[bool]:
+    batch = x.shape[0]
+    if blend is None:
+        return [False] * batch
+    if blend.x0.shape != x.shape:
+        raise InvalidInput("blend", f"x0 has shape {list(blend.x0.shape)}, latents {list(x.shape)}")
+    m = blend.mask
+    if m.ndim != 4 or m.shape[0] != batch or m.shape[1] not in (1, x.shape[1]) or m.shape[2:] != x.shape[2:]:
+        raise InvalidInput("blend", f"mask must be [B, 1, h, w] = [{batch}, 1, *{list(x.shape[2:])}], got {list(m.shape)}")
+    if blend.rows is None:
+        return [True] * batch
+    rows = torch.as_tensor(blend.rows).detach().cpu()
+    if rows.shape != (batch,):
+        raise InvalidInput("blend", f"rows must have shape [{batch}], got {list(rows.shape)}")
+    return [bool(r) for r in rows.tolist()]
+
+
+def _rows_to_cancel(result: object, batch: int) -> set[int]:
+    if result is None or result is False:
+        return set()
+    if result is True:
+        return set(range(batch))
+    if not isinstance(result, Iterable):
+        raise TypeError(f"callback must return None, a bool or an iterable of row indices, got {result!r}")
+    rows = {int(r) for r in result}
+    bad = sorted(r for r in rows if not 0 <= r < batch)
+    if bad:
+        raise ValueError(f"callback asked to cancel rows {bad}, outside 0..{batch - 1}")
+    return rows
+
+
+def _randn_row(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One row of N(0, I) noise, drawn on the generator's own device, then moved to ``device``.
+
+    A CPU generator thus yields the same numbers whether the latents live on the CPU
+    or a GPU.
+    """
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+
+
+@dataclass(frozen=True)
+class _Coefficients:
+    """Per-row, per-step DDIM coefficients, ``[B, L]`` float32 (padded past a row's end)."""
+
+    t: torch.Tensor  # int64 timesteps
+    sqrt_a: torch.Tensor  # sqrt(a_t)
+    sqrt_one_minus_a: torch.Tensor  # sqrt(1 - a_t)
+    sqrt_a_prev: torch.Tensor  # sqrt(a_prev)
+    dir_coef: torch.Tensor  # sqrt(1 - a_prev - sigma²)
+    sigma: torch.Tensor  # sigma_t(eta)
+
+
+def _coefficients(
+    rows: list[torch.Tensor], alphas_cumprod: torch.Tensor, eta: list[float], device: torch.device
+) -> _Coefficients:
+    """Compute every coefficient once, elementwise in float64, then cast to float32.
+
+    Elementwise maths on a row's own values keeps them independent of the batch.
+    """
+    batch, length = len(rows), max(int(ts.numel()) for ts in rows)
+    abar = alphas_cumprod.detach().to("cpu", torch.float64)  # [T]
+    t = torch.zeros(batch, length, dtype=torch.int64)
+    a_t = torch.full((batch, length), 0.5, dtype=torch.float64)  # padding: harmless values
+    a_prev = torch.full((batch, length), 0.5, dtype=torch.float64)
+    for b, ts in enumerate(rows):
+        n = ts.numel()
+        t[b, :n] = ts
+        a_t[b, :n] = abar[ts]
+        a_prev[b, : n - 1] = abar[ts[1:]]
+        a_prev[b, n - 1] = abar[0]  # CompVis: the final "previous" alphā is alphā_0, not 1
+    eta_col = torch.tensor(eta, dtype=torch.float64).unsqueeze(1)  # [B, 1]
+    sigma = eta_col * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0.0))
+
+    def dev(v: torch.Tensor) -> torch.Tensor:
+        return v.to(torch.float32).to(device)
+
+    return _Coefficients(
+        t=t.to(device),
+        sqrt_a=dev(a_t.sqrt()),
+        sqrt_one_minus_a=dev((1 - a_t).sqrt()),
+        sqrt_a_prev=dev(a_prev.sqrt()),
+        dir_coef=dev(dir_coef),
+        sigma=dev(sigma),
+    )
+
+
+def _col(table: torch.Tensor, rows: torch.Tensor, i: int) -> torch.Tensor:
+    """``[B, L]`` table -> the ``[N, 1, 1, 1]`` coefficients of ``rows`` at iteration ``i``."""
+    return table[rows, i].view(-1, 1, 1, 1)
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x_T: torch.Tensor,
+    timesteps: Sequence[torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    *,
+    eta: torch.Tensor | float = 0.0,
+    generators: Sequence[torch.Generator | None] | None = None,
+    blend: MaskBlend | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run DDIM for a batch of independent rows; returns the final latents.
+
+    All rows start together at iteration 0; row ``b`` takes ``len(timesteps[b])``
+    steps and then stops, keeping its final latent while longer rows continue. At
+    each iteration the denoiser is called **once**, on the rows that still have
+    steps left (and are not canceled), in ascending row order.
+
+    Args:
+        denoiser: see :class:`Denoiser` (e.g. :class:`ldm.denoiser.GuidedDenoiser`).
+        x_T: ``[B, C, h, w]`` initial noise; the result is float32 whatever its dtype.
+        timesteps: per row, a descending int64 tensor of training timesteps (from
+            :func:`ldm.schedule.ddim_timesteps`); lengths may differ.
+        alphas_cumprod: ``[T]`` alphā table (float32, as stored by the model).
+        eta: DDIM eta in ``[0, 1]``, a scalar or one per row ``[B]``; 0 = deterministic.
+        generators: per row, the source of all noise drawn for that row (see the
+            module docstring for the draw order), on any device; ``None`` = global RNG.
+        blend: optional mask blending (inpainting with any model), see :class:`MaskBlend`.
+        callback: called after each iteration with a :class:`StepState`; its return
+            value can cancel rows, see :data:`StepCallback`.
+
+    Returns:
+        ``[B, C, h, w]`` float32 latents. Rows canceled via the callback hold their
+        latents after their last completed step.
+
+    Raises:
+        InvalidInput: mismatched batch sizes or lengths, timesteps not descending or
+            outside the table, eta outside ``[0, 1]``, malformed ``blend``.
+    """
+    if x_T.ndim != 4:
+        raise InvalidInput("x_T", f"expected [B, C, h, w] latents, got shape {list(x_T.shape)}")
+    batch, device = x_T.shape[0], x_T.device
+    rows_ts = _check_timesteps(timesteps, batch, alphas_cumprod.shape[0])
+    eta_rows = _check_eta(eta, batch)
+    gens = _as_row_list("generators", generators, batch)
+    blend_rows = _check_blend(blend, x_T)
+    lengths = [int(ts.numel()) for ts in rows_ts]
+    coef = _coefficients(rows_ts, alphas_cumprod, eta_rows, device)
+    row_shape = x_T.shape[1:]  # [C, h, w]: every draw has the shape of one row
+
+    x = x_T.to(torch.float32)  # never modified in place
+    steps_done = [0] * batch
+    canceled: set[int] = set()
+
+    for i in range(max(lengths)):
+        active = [b for b in range(batch) if i < lengths[b] and b not in canceled]
+        if not active:
+            break
+        rows_cpu = torch.tensor(active, dtype=torch.int64)
+        rows = rows_cpu.to(device)
+
+        x_t = x.index_select(0, rows)  # [N, C, h, w]
+        sqrt_a, sqrt_1ma = _col(coef.sqrt_a, rows, i), _col(coef.sqrt_one_minus_a, rows, i)
+
+        # 1. mask blending: re-noise the known region to level t (q_sample), keep the rest
+        blending = [k for k, b in enumerate(active) if blend_rows[b]]
+        if blending:
+            assert blend is not None
+            k_idx = torch.tensor(blending, dtype=torch.int64, device=device)
+            b_idx = rows.index_select(0, k_idx)
+            z = torch.stack([_randn_row(row_shape, gens[active[k]], device) for k in blending])
+            x0 = blend.x0.to(device, torch.float32).index_select(0, b_idx)
+            keep = blend.mask.to(device, torch.float32).index_select(0, b_idx)
+            x_known = sqrt_a.index_select(0, k_idx) * x0 + sqrt_1ma.index_select(0, k_idx) * z
+            x_t = x_t.index_copy(0, k_idx, x_known * keep + (1 - keep) * x_t.index_select(0, k_idx))
+
+        # 2. one denoiser call for all active rows
+        e = denoiser(x_t, coef.t[rows, i], rows_cpu)
+        if e.shape != x_t.shape:
+            raise ValueError(f"denoiser returned shape {list(e.shape)} for input {list(x_t.shape)}")
+        e = e.to(torch.float32)
+
+        # 3. DDIM update (eq. 12 of Song et al.)
+        pred_x0 = (x_t - sqrt_1ma * e) / sqrt_a
+        z = torch.zeros_like(x_t)
+        for k, b in enumerate(active):
+            if eta_rows[b] > 0:
+                z[k] = _randn_row(row_shape, gens[b], device)
+        x_prev = (
+            _col(coef.sqrt_a_prev, rows, i) * pred_x0
+            + _col(coef.dir_coef, rows, i) * e
+            + _col(coef.sigma, rows, i) * z
+        )
+        x = x.index_copy(0, rows, x_prev)
+        for b in active:
+            steps_done[b] += 1
+
+        if callback is not None:
+            state = StepState(
+                iteration=i,
+                steps_done=tuple(steps_done),
+                steps_total=tuple(lengths),
+                x=x,
+                pred_x0=pred_x0,
+                active=rows_cpu,
+                canceled=frozenset(canceled),
+            )
+            for b in _rows_to_cancel(callback(state), batch):
+                if steps_done[b] < lengths[b]:
+                    canceled.add(b)
+    return x

@@ -1,0 +1,159 @@
+"""The ``ldm-serve`` command line.
+
+``generate`` and ``inpaint`` run a model in-process (no queue); ``up``,
+``gateway`` and ``worker`` (from :mod:`ldm_serve.serving_cli`) run the service.
+Heavy imports (torch, FastAPI) happen inside the subcommands so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ldm_serve.errors import LdmServeError
+
+
+def default_model_path() -> Path | None:
+    """The bundled model shipped with the package, if present."""
+    from ldm_serve.models import bundled_model_path
+
+    return bundled_model_path()
+
+
+def _resolve_checkpoint(arg: str | None) -> tuple[Path, bool]:
+    """(checkpoint path, is_fallback_random_model)."""
+    if arg:
+        return Path(arg), False
+    bundled = default_model_path()
+    if bundled is not None:
+        return bundled, False
+    from ldm_serve.models import random_model_path
+
+    return random_model_path(), True
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", help="checkpoint file or diffusers folder "
+                   "(default: the bundled model)")
+    p.add_argument("--config", help="original YAML config (default: <checkpoint>.yaml beside it, or inferred)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use model_ema.* weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed + i)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", "--scale", dest="guidance_scale", type=float, default=7.5)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--out", required=True, help="output PNG path; with --n > 1, '-<i>' is added before the suffix")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch imported lazily
+    import torch
+
+    from ldm.pipeline import load_pipeline
+
+    path, fallback = _resolve_checkpoint(args.checkpoint)
+    if fallback:
+        print("WARNING: no trained model is installed; using a tiny RANDOM, UNTRAINED model "
+              "(outputs are noise)", file=sys.stderr)
+    return load_pipeline(
+        path,
+        args.config,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        use_ema=args.ema,
+        tokenizer_dir=args.tokenizer,
+    )
+
+
+def _save(images: list, seeds: list[int], out: str) -> None:
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for i, (img, seed) in enumerate(zip(images, seeds, strict=True)):
+        path = target if len(images) == 1 else target.with_name(f"{target.stem}-{i}{target.suffix}")
+        img.save(path)
+        print(f"{path}  seed={seed}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    pipe = _load(args)
+    t0 = time.perf_counter()
+    result = pipe.txt2img(
+        args.prompt,
+        args.negative_prompt,
+        num_images=args.n,
+        seeds=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+        width=args.width,
+        height=args.height,
+    )
+    _save(result.images, result.seeds, args.out)
+    print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    pipe = _load(args)
+    image = Image.open(args.image)
+    mask = Image.open(args.mask)
+    result = pipe.inpaint(
+        image,
+        mask,
+        args.prompt,
+        args.negative_prompt,
+        num_images=args.n,
+        seeds=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+    )
+    _save(result.images, result.seeds, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text-to-image in-process, written to PNG files")
+    _add_model_args(gen)
+    gen.add_argument("--width", type=int, default=None, help="default: the model's training size")
+    gen.add_argument("--height", type=int, default=None)
+    gen.set_defaults(func=_cmd_generate)
+
+    inp = sub.add_parser("inpaint", help="repaint the white part of a mask, in-process")
+    _add_model_args(inp)
+    inp.add_argument("--image", required=True)
+    inp.add_argument("--mask", required=True, help="white = repaint; same size as the image")
+    inp.set_defaults(func=_cmd_inpaint)
+
+    try:
+        from ldm_serve.serving_cli import add_serving_commands
+    except ImportError:  # the serving extras are not installed
+        pass
+    else:
+        add_serving_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LdmServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The job contract shared by the gateway and the worker.
+
+This module is the only thing both sides of the queue agree on: the typed,
+versioned payload that travels through RQ (JSON, never pickle), the public job
+statuses, the event types written to a job's event stream, and every Redis key
+name. It imports neither FastAPI nor torch, so either process can use it.
+
+Redis layout (``P`` is ``Settings.redis_prefix``, default ``ldm``)::
+
+    P:job:{id}                hash   the job record (status, progress, timestamps, payload JSON, ...)
+    P:job:{id}:events         stream status / progress / image events, in order (SSE replays it)
+    P:job:{id}:cancel         string set when a client asked to cancel a running job
+    P:job:{id}:image:{i}      string encoded image bytes (result store)
+    P:job:{id}:input:{name}   string uploaded inpainting inputs (PNG bytes)
+    P:job:{id}:webhooks       list   JSON records of webhook delivery attempts
+    P:idem:{owner}:{key}      string job id created for an Idempotency-Key
+    P:workers                 hash   worker name -> WorkerInfo JSON
+    P:worker:{name}:hb        string heartbeat, expires after Settings.heartbeat_ttl_s
+    P:worker:{name}:jobs      set    ids of the jobs the worker is running
+    P:reap:{name}             string lock taken while a dead worker's jobs are recovered
+    P:models                  set    every model a worker has served (to find the queues)
+    rq:queue:P-{model}-{prio} list   RQ queues, one per model and priority
+    rq:queue:P-webhooks       list   RQ queue of webhook deliveries
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = 1
+
+# The dotted path RQ records as the job's function. The worker never lets RQ call it
+# (it batches jobs itself); it names the code that runs the payload.
+GENERATE_FUNC = "worker.tasks.generate"
+
+
+class JobStatus(str, Enum):
+    """Public lifecycle of a job. The last four are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+TERMINAL_STATUSES = frozenset(s.value for s in JobStatus if s.terminal)
+
+
+class Priority(str, Enum):
+    """Queue priority; workers drain ``high`` before ``normal`` before ``low``."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+class JobKind(str, Enum):
+    TXT2IMG = "txt2img"
+    INPAINT = "inpaint"
+
+
+class OutputFormat(str, Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class WebhookEventType(str, Enum):
+    """Event filter values accepted in ``webhook_events_filter``."""
+
+    START = "start"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+
+
+class EventType(str, Enum):
+    """Entries of a job's event stream (and of its SSE stream)."""
+
+    STATUS = "status"  # data: {"status": ...} (plus "error" when failed)
+    PROGRESS = "progress"  # data: {"step": int, "total": int}
+    IMAGE = "image"  # data: {"index": int}
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST a job's events, already validated by the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    events: list[WebhookEventType] = Field(
+        default_factory=lambda: [WebhookEventType.START, WebhookEventType.COMPLETED]
+    )
+
+
+class GenerationPayload(BaseModel):
+    """The versioned payload of one generation job, as serialised into RQ.
+
+    One job produces ``n`` images, one batch row each; row ``i`` uses ``seeds[i]``.
+    Inpainting inputs are not inlined: they live in the result store under
+    ``Keys.input(job_id, "image" | "mask")`` as PNG bytes, already size-checked.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = CONTRACT_VERSION
+    job_id: str
+    kind: JobKind
+    model: str
+    prompt: str
+    negative_prompt: str = ""
+    n: int = Field(ge=1)
+    width: int = Field(ge=8)
+    height: int = Field(ge=8)
+    steps: int = Field(ge=1)
+    guidance_scale: float
+    eta: float = 0.0
+    seeds: list[int]
+    output_format: OutputFormat = OutputFormat.PNG
+    quality: int = Field(default=90, ge=1, le=100)
+    priority: Priority = Priority.NORMAL
+    webhook: WebhookSpec | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    owner: str | None = None  # hash of the API key that made the job, None when auth is off
+    created_at: float  # unix seconds
+
+    @property
+    def batch_key(self) -> str:
+        """Jobs with equal keys can share one batched DDIM run (same model and latent size)."""
+        return batch_key(self.model, self.width, self.height)
+
+
+def batch_key(model: str, width: int, height: int) -> str:
+    """The compatibility key: model and pixel size (hence latent size)."""
+    return f"{model}|{width}x{height}"
+
+
+class WorkerInfo(BaseModel):
+    """What a worker advertises in the registry (``/v1/models`` is built from these)."""
+
+    name: str
+    model: str
+    untrained: bool = False
+    inpaint_mode: str | None = None
+    default_size: int | None = None
+    downsample_factor: int | None = None
+    max_prompt_tokens: int | None = None
+    max_batch_rows: int
+    pid: int
+    host: str
+    started_at: float
+
+
+def new_job_id() -> str:
+    """A 26-character, URL-safe, lower-case id (base32 of a uuid4, as cog does)."""
+    return base64.b32encode(uuid.uuid4().bytes).decode("ascii").rstrip("=").lower()
+
+
+def queue_name(prefix: str, model: str, priority: Priority | str) -> str:
+    """RQ queue name of a model and priority (``ldm-bundled-high`` ...).
+
+    Queues are per model so that a worker only ever pops jobs it can run.
+    """
+    return f"{prefix}-{model}-{Priority(priority).value}"
+
+
+def webhook_queue_name(prefix: str) -> str:
+    return f"{prefix}-webhooks"
+
+
+class Keys:
+    """Every Redis key name, built from one prefix."""
+
+    def __init__(self, prefix: str = "ldm") -> None:
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:cancel"
+
+    def image(self, job_id: str, index: int) -> str:
+        return f"{self.prefix}:job:{job_id}:image:{index}"
+
+    def input(self, job_id: str, name: str) -> str:
+        return f"{self.prefix}:job:{job_id}:input:{name}"
+
+    def webhook_attempts(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:webhooks"
+
+    def idempotency(self, owner: str | None, key: str) -> str:
+        return f"{self.prefix}:idem:{owner or '-'}:{key}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}:hb"
+
+    def worker_jobs(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}:jobs"
+
+    def reap_lock(self, worker: str) -> str:
+        return f"{self.prefix}:reap:{worker}"
+
+    def all_job_keys(self, job_id: str) -> list[str]:
+        """Keys deleted or expired with a job (images are listed by the result store)."""
+        return [
+            self.job(job_id),
+            self.events(job_id),
+            self.cancel(job_id),
+            self.webhook_attempts(job_id),
+        ]

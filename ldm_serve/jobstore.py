@@ -1,0 +1,477 @@
+"""Job records, queues and worker registry in Redis, shared by the gateway and the worker.
+
+RQ carries the payload (a JSON-serialised :class:`~ldm_serve.contract.GenerationPayload`
+in an RQ job whose id is our job id) and provides the per-priority queues. The public
+state of a job (status, progress, timestamps, errors) lives in our own hash, changed
+only by :meth:`JobStore.transition`, a Lua script that checks the current status so
+that concurrent cancel / claim / finish / recovery cannot overwrite each other.
+
+Every Redis connection error is translated into :class:`~ldm_serve.errors.QueueUnavailable`
+here, so callers deal only with ``ldm_serve.errors``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+
+from ldm_serve.contract import (
+    GENERATE_FUNC,
+    PRIORITY_ORDER,
+    TERMINAL_STATUSES,
+    EventType,
+    GenerationPayload,
+    JobStatus,
+    Keys,
+    Priority,
+    WorkerInfo,
+    queue_name,
+)
+from ldm_serve.errors import JobNotFound, QueueFull, QueueUnavailable
+from ldm_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EVENTS_MAXLEN = 2000
+
+T = TypeVar("T")
+
+# KEYS: job hash, events stream. ARGV: allowed-from (comma list), new status,
+# event JSON, stream maxlen, then field/value pairs to set with the status.
+_TRANSITION_LUA = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return 0 end
+local ok = false
+for s in string.gmatch(ARGV[1], '[^,]+') do
+  if s == cur then ok = true end
+end
+if not ok then return 0 end
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+else
+  redis.call('HSET', KEYS[1], 'status', ARGV[2])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'data', ARGV[3])
+return 1
+"""
+
+
+def translate_redis_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn Redis connectivity errors into QueueUnavailable (503)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise QueueUnavailable(f"Redis is unreachable: {exc}") from exc
+
+    return wrapper
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A binary-safe Redis client with short timeouts (RQ needs ``decode_responses=False``)."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=min(2.0, settings.redis_socket_timeout_s),
+        socket_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+def _s(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class JobStore:
+    """Typed access to job records, queues and the worker registry.
+
+    Args:
+        connection: a client from :func:`connect`.
+        settings: the process settings (prefix, TTLs, queue depth).
+    """
+
+    def __init__(self, connection: redis.Redis, settings: Settings) -> None:
+        self.redis = connection
+        self.settings = settings
+        self.keys = Keys(settings.redis_prefix)
+        self._transition = connection.register_script(_TRANSITION_LUA)
+        self._queues: dict[tuple[str, Priority], Queue] = {}
+
+    def queue(self, model: str, priority: Priority | str) -> Queue:
+        """The RQ queue of a model and priority (JSON serializer)."""
+        key = (model, Priority(priority))
+        if key not in self._queues:
+            self._queues[key] = Queue(
+                queue_name(self.settings.redis_prefix, model, key[1]),
+                connection=self.redis,
+                serializer=JSONSerializer,
+            )
+        return self._queues[key]
+
+    def queue_keys(self, model: str) -> dict[Priority, str]:
+        """RQ list keys of a model's queues, by priority."""
+        return {p: self.queue(model, p).key for p in PRIORITY_ORDER}
+
+    # ------------------------------------------------------------------ submission
+    @translate_redis_errors
+    def ping(self) -> None:
+        self.redis.ping()
+
+    @translate_redis_errors
+    def known_models(self) -> list[str]:
+        return sorted(m.decode() for m in self.redis.smembers(self.keys.models))
+
+    @translate_redis_errors
+    def queue_depth(self, extra_models: Iterable[str] = ()) -> dict[str, int]:
+        """Queued jobs per queue name, over every known model."""
+        queues = [
+            self.queue(m, p) for m in sorted(set(self.known_models()) | set(extra_models)) for p in PRIORITY_ORDER
+        ]
+        pipe = self.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q.key)
+        return {q.name: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+
+    @translate_redis_errors
+    def find_idempotent(self, owner: str | None, key: str) -> str | None:
+        return _s(self.redis.get(self.keys.idempotency(owner, key)))
+
+    @translate_redis_errors
+    def submit(self, payload: GenerationPayload, idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Record and enqueue a job.
+
+        Returns:
+            ``(job_id, created)``; ``created`` is False when ``idempotency_key`` was
+            already used by the same owner, in which case that job's id is returned.
+
+        Raises:
+            QueueFull: the queues hold ``max_queue_depth`` jobs already.
+        """
+        s = self.settings
+        idem_key = self.keys.idempotency(payload.owner, idempotency_key) if idempotency_key else None
+        if idem_key is not None:
+            ttl = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
+            if not self.redis.set(idem_key, payload.job_id, nx=True, ex=ttl):
+                existing = _s(self.redis.get(idem_key))
+                if existing is not None:
+                    return existing, False
+        depth = sum(self.queue_depth([payload.model]).values())
+        if depth >= s.max_queue_depth:
+            if idem_key is not None:
+                self.redis.delete(idem_key)
+            raise QueueFull(
+                f"queue: {depth} jobs are queued, the limit is max_queue_depth={s.max_queue_depth}",
+                retry_after_s=s.queue_full_retry_after_s,
+            )
+        job_id = payload.job_id
+        now = payload.created_at
+        lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
+        pipe = self.redis.pipeline(transaction=True)
+        # RQ starts the MULTI itself, so it must see the pipeline first; all of it is one transaction.
+        self.queue(payload.model, payload.priority).enqueue_call(
+            func=GENERATE_FUNC,
+            kwargs={"payload": payload.model_dump(mode="json")},
+            job_id=job_id,
+            timeout=s.job_timeout_s,
+            result_ttl=s.result_ttl_s,
+            failure_ttl=s.result_ttl_s,
+            description=f"{payload.kind.value} {payload.model} {payload.width}x{payload.height} n={payload.n}",
+            pipeline=pipe,
+        )
+        pipe.hset(
+            self.keys.job(job_id),
+            mapping={
+                "status": JobStatus.QUEUED.value,
+                "payload": payload.model_dump_json(),
+                "bkey": payload.batch_key,
+                "model": payload.model,
+                "rows": payload.n,
+                "priority": payload.priority.value,
+                "owner": payload.owner or "",
+                "created_at": repr(now),
+                "attempts": 0,
+                "step": 0,
+                "total": 0,
+                "images": 0,
+            },
+        )
+        pipe.expire(self.keys.job(job_id), lifetime)
+        pipe.xadd(
+            self.keys.events(job_id),
+            {"type": EventType.STATUS.value, "data": json.dumps({"status": "queued"})},
+            maxlen=EVENTS_MAXLEN,
+        )
+        pipe.expire(self.keys.events(job_id), lifetime)
+        pipe.execute()
+        return job_id, True
+
+    # ------------------------------------------------------------------ reading
+    @translate_redis_errors
+    def get(self, job_id: str) -> dict[str, str]:
+        """The job hash as ``str -> str``; raises JobNotFound."""
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            raise JobNotFound(f"job {job_id!r} does not exist or has expired")
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    @translate_redis_errors
+    def payload(self, job_id: str) -> GenerationPayload:
+        return GenerationPayload.model_validate_json(self.get(job_id)["payload"])
+
+    @translate_redis_errors
+    def queue_position(self, job_id: str, model: str, priority: str) -> int | None:
+        """0-based position counting every job of the model that will be taken before this one."""
+        ahead = 0
+        for p in PRIORITY_ORDER:
+            key = self.queue(model, p).key
+            if p.value == priority:
+                pos = self.redis.lpos(key, job_id)
+                return None if pos is None else ahead + int(pos)
+            ahead += int(self.redis.llen(key))
+        return None
+
+    @translate_redis_errors
+    def webhook_attempts(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.redis.lrange(self.keys.webhook_attempts(job_id), 0, 99)]
+
+    # ------------------------------------------------------------------ transitions
+    @translate_redis_errors
+    def transition(
+        self,
+        job_id: str,
+        allowed_from: Iterable[JobStatus],
+        to: JobStatus,
+        fields: dict[str, Any] | None = None,
+        event: dict[str, Any] | None = None,
+    ) -> bool:
+        """Set ``status=to`` (and ``fields``) iff the current status is in ``allowed_from``.
+
+        Appends a ``status`` event to the job's stream in the same atomic step.
+        Terminal states also start the job's result TTL.
+        """
+        args: list[Any] = [
+            ",".join(s.value for s in allowed_from),
+            to.value,
+            json.dumps({"status": to.value, **(event or {})}),
+            EVENTS_MAXLEN,
+        ]
+        for k, v in (fields or {}).items():
+            args += [k, v if isinstance(v, (str, int, float)) else json.dumps(v)]
+        done = bool(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
+        if done and to.terminal:
+            self._finish_rq_job(job_id, to)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in self.keys.all_job_keys(job_id):
+                pipe.expire(key, self.settings.result_ttl_s)
+            pipe.execute()
+        return done
+
+    def _finish_rq_job(self, job_id: str, status: JobStatus) -> None:
+        rq_status = {
+            JobStatus.SUCCEEDED: RQStatus.FINISHED,
+            JobStatus.CANCELED: RQStatus.CANCELED,
+        }.get(status, RQStatus.FAILED)
+        try:
+            job = Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer)
+        except Exception:  # noqa: BLE001 - the RQ job may already have expired; ours is the record
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        job.set_status(rq_status, pipeline=pipe)
+        job.cleanup(ttl=self.settings.result_ttl_s, pipeline=pipe, remove_from_queue=False)
+        pipe.execute()
+
+    @translate_redis_errors
+    def add_event(self, job_id: str, type_: EventType, data: dict[str, Any]) -> None:
+        self.redis.xadd(
+            self.keys.events(job_id), {"type": type_.value, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN
+        )
+
+    @translate_redis_errors
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued job at once, or flag a running one for its worker.
+
+        Returns:
+            The status after the call: ``canceled`` when the job was still queued,
+            ``running`` when the worker was asked to drop it, or the terminal status
+            it already had.
+        """
+        rec = self.get(job_id)
+        status = JobStatus(rec["status"])
+        if status.terminal:
+            return status
+        # Flag first: a worker claiming the job right now checks the flag before running.
+        self.redis.set(self.keys.cancel(job_id), b"1", ex=self.settings.job_timeout_s + self.settings.queue_ttl_s)
+        if status is JobStatus.QUEUED:
+            removed = self.redis.lrem(self.queue(rec["model"], rec["priority"]).key, 0, job_id)
+            if removed and self.transition(
+                job_id, [JobStatus.QUEUED], JobStatus.CANCELED, {"finished_at": repr(time.time())}
+            ):
+                return JobStatus.CANCELED
+        self.redis.hset(self.keys.job(job_id), "cancel_requested", 1)
+        return JobStatus(self.get(job_id)["status"])
+
+    @translate_redis_errors
+    def expire_if_stale(self, job_id: str, rec: dict[str, str]) -> bool:
+        """Lazily expire a job that waited longer than ``queue_ttl_s``."""
+        if rec.get("status") != JobStatus.QUEUED.value:
+            return False
+        if time.time() - float(rec["created_at"]) <= self.settings.queue_ttl_s:
+            return False
+        self.redis.lrem(self.queue(rec["model"], rec["priority"]).key, 0, job_id)
+        return self.transition(
+            job_id,
+            [JobStatus.QUEUED],
+            JobStatus.EXPIRED,
+            {
+                "finished_at": repr(time.time()),
+                "error": {"type": "expired", "message": f"waited more than queue_ttl_s={self.settings.queue_ttl_s}"},
+            },
+        )
+
+    @translate_redis_errors
+    def claim(self, job_id: str, worker: str, batch: dict[str, Any] | None = None) -> bool:
+        """Move a queued job to ``running`` on ``worker``; False if it is no longer queued.
+
+        The job joins the worker's running set *before* its status changes, so a worker
+        that dies at any point leaves the job discoverable by :meth:`recover_dead_workers`.
+        """
+        rec = self.redis.hmget(self.keys.job(job_id), ["status", "attempts"])
+        if _s(rec[0]) != JobStatus.QUEUED.value:
+            return False
+        self.redis.sadd(self.keys.worker_jobs(worker), job_id)
+        fields: dict[str, Any] = {
+            "worker": worker,
+            "started_at": repr(time.time()),
+            "attempts": int(_s(rec[1]) or 0) + 1,
+            "step": 0,
+        }
+        if batch is not None:
+            fields["batch"] = batch
+        if not self.transition(job_id, [JobStatus.QUEUED], JobStatus.RUNNING, fields):
+            self.redis.srem(self.keys.worker_jobs(worker), job_id)
+            return False
+        try:
+            Job.fetch(job_id, connection=self.redis, serializer=JSONSerializer).set_status(RQStatus.STARTED)
+        except Exception:  # noqa: BLE001 - RQ bookkeeping only; our record is authoritative
+            log.debug("could not mark RQ job %s started", job_id)
+        return True
+
+    @translate_redis_errors
+    def release(self, worker: str, job_id: str) -> None:
+        """Drop a finished job from the worker's running set."""
+        self.redis.srem(self.keys.worker_jobs(worker), job_id)
+
+    # ------------------------------------------------------------------ workers
+    @translate_redis_errors
+    def live_workers(self) -> list[WorkerInfo]:
+        """Registered workers whose heartbeat has not expired."""
+        raw = self.redis.hgetall(self.keys.workers)
+        infos = [WorkerInfo.model_validate_json(v) for v in raw.values()]
+        if not infos:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for info in infos:
+            pipe.exists(self.keys.heartbeat(info.name))
+        return [info for info, alive in zip(infos, pipe.execute(), strict=True) if alive]
+
+    @translate_redis_errors
+    def register_worker(self, info: WorkerInfo) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self.keys.models, info.model)
+        pipe.hset(self.keys.workers, info.name, info.model_dump_json())
+        pipe.set(self.keys.heartbeat(info.name), repr(time.time()), px=int(self.settings.heartbeat_ttl_s * 1000))
+        pipe.execute()
+
+    @translate_redis_errors
+    def heartbeat(self, worker: str) -> None:
+        self.redis.set(self.keys.heartbeat(worker), repr(time.time()), px=int(self.settings.heartbeat_ttl_s * 1000))
+
+    @translate_redis_errors
+    def deregister_worker(self, worker: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.keys.workers, worker)
+        pipe.delete(self.keys.heartbeat(worker), self.keys.worker_jobs(worker))
+        pipe.execute()
+
+    @translate_redis_errors
+    def recover_dead_workers(self) -> list[str]:
+        """Re-queue (or fail, after ``max_attempts``) the jobs of workers whose heartbeat expired.
+
+        Safe to call from any process at any time: a lock per dead worker makes one
+        caller do the work. Returns the ids of the jobs it touched.
+        """
+        touched: list[str] = []
+        names = [_s(n) for n in self.redis.hkeys(self.keys.workers)]
+        for name in names:
+            assert name is not None
+            if self.redis.exists(self.keys.heartbeat(name)):
+                continue
+            if not self.redis.set(self.keys.reap_lock(name), b"1", nx=True, ex=30):
+                continue
+            touched += self.recover_jobs_of(name)
+            self.redis.hdel(self.keys.workers, name)
+            self.redis.delete(self.keys.worker_jobs(name))
+            log.warning("worker %s stopped heartbeating; recovered %d job(s)", name, len(touched))
+        return touched
+
+    @translate_redis_errors
+    def recover_jobs_of(self, worker: str) -> list[str]:
+        """Re-queue (or fail) every job ``worker`` holds as running; also used by a live
+        worker that lost Redis in the middle of a batch and cannot vouch for its jobs."""
+        touched = []
+        for raw_id in self.redis.smembers(self.keys.worker_jobs(worker)):
+            job_id = raw_id.decode()
+            touched.append(job_id)
+            self._recover_job(job_id, worker)
+            self.redis.srem(self.keys.worker_jobs(worker), job_id)
+        return touched
+
+    def _recover_job(self, job_id: str, worker: str) -> None:
+        try:
+            rec = self.get(job_id)
+        except JobNotFound:
+            return
+        if rec["status"] != JobStatus.RUNNING.value or rec.get("worker") != worker:
+            return
+        attempts = int(rec.get("attempts", "0"))
+        reason = f"worker {worker} stopped heartbeating while running this job (attempt {attempts})"
+        if rec.get("cancel_requested") == "1":
+            self.transition(job_id, [JobStatus.RUNNING], JobStatus.CANCELED, {"finished_at": repr(time.time())})
+        elif attempts < self.settings.max_attempts:
+            if self.transition(
+                job_id,
+                [JobStatus.RUNNING],
+                JobStatus.QUEUED,
+                {"step": 0, "worker": "", "requeued_reason": reason},
+                event={"reason": reason},
+            ):
+                self.queue(rec["model"], rec["priority"]).push_job_id(job_id, at_front=True)
+        else:
+            self.transition(
+                job_id,
+                [JobStatus.RUNNING],
+                JobStatus.FAILED,
+                {
+                    "finished_at": repr(time.time()),
+                    "error": {"type": "worker_lost", "message": f"{reason}; max_attempts reached"},
+                },
+                event={"error": {"type": "worker_lost", "message": reason}},
+            )
+
+
+def terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES

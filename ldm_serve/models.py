@@ -1,0 +1,34 @@
+"""Where the models that ship with ldm-serve live (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "models" / "bundled"
+
+
+def bundled_model_path() -> Path | None:
+    """The bundled, trained model's checkpoint, or ``None`` until one is shipped."""
+    for name in ("bundled.safetensors", "bundled.ckpt"):
+        path = BUNDLED_DIR / name
+        if path.is_file():
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    """Per-user cache folder (``$XDG_CACHE_HOME/ldm-serve``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ldm-serve"
+
+
+def random_model_path(directory: Path | None = None) -> Path:
+    """Write (once) and return the tiny untrained fallback model."""
+    from ldm.random_model import write_random_model
+
+    directory = directory or cache_dir() / "random-untrained"
+    ckpt = directory / "random-untrained.safetensors"
+    if not ckpt.is_file():
+        write_random_model(directory)
+    return ckpt

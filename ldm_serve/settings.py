@@ -1,0 +1,108 @@
+"""Service settings: one validated object per process, built at start-up and passed in.
+
+Nothing here reads the environment at import time. ``Settings()`` reads ``LDM_*``
+variables (and ``REDIS_URL``) when it is constructed, in ``main()`` or a test,
+and refuses inconsistent values before any socket is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway and the worker (env prefix ``LDM_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LDM_", extra="ignore", frozen=True)
+
+    # --- Redis / queue ---------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("LDM_REDIS_URL", "REDIS_URL", "redis_url"),
+    )
+    redis_prefix: str = Field(default="ldm", pattern=r"^[A-Za-z0-9_.-]+$")
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    max_queue_depth: int = Field(default=256, ge=1, description="queued jobs over all priorities")
+    queue_full_retry_after_s: int = Field(default=5, ge=1)
+    job_timeout_s: int = Field(default=600, ge=1, description="longest a job may run")
+    queue_ttl_s: int = Field(default=1800, ge=1, description="longest a job may wait queued before it expires")
+    result_ttl_s: int = Field(default=3600, ge=1, description="how long finished jobs and images are kept")
+    max_attempts: int = Field(default=2, ge=1, description="runs of a job whose worker died, before it fails")
+
+    # --- request limits ----------------------------------------------------------------
+    max_width: int = Field(default=1024, ge=8)
+    max_height: int = Field(default=1024, ge=8)
+    max_steps: int = Field(default=150, ge=1)
+    max_images: int = Field(default=4, ge=1, description="images per job (n)")
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_guidance_scale: float = Field(default=30.0, gt=0)
+    max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    max_wait_s: int = Field(default=60, ge=0, le=60, description="longest Prefer: wait")
+    max_metadata_bytes: int = Field(default=4096, ge=0)
+    default_model: str | None = None
+
+    # --- auth ----------------------------------------------------------------------------
+    api_keys: str = Field(default="", description="comma-separated bearer keys; empty = no auth")
+
+    # --- webhooks ------------------------------------------------------------------------
+    webhook_secret: str | None = Field(default=None, description="whsec_<base64>")
+    allow_private_webhooks: bool = False
+    webhook_progress_interval_s: float = Field(default=1.0, ge=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_retry_base_s: float = Field(default=5.0, ge=0, description="first retry delay; doubles per attempt")
+
+    # --- gateway ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # --- worker ----------------------------------------------------------------------------
+    model_path: Path | None = None
+    worker_name: str | None = None
+    device: str = "cpu"
+    max_batch_rows: int = Field(default=8, ge=1)
+    batch_window_ms: int = Field(default=50, ge=0, description="how long to gather compatible jobs")
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0)
+    reap_interval_s: float = Field(default=5.0, gt=0)
+    warmup: bool = True
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    run_webhook_worker: bool = Field(default=True, description="deliver webhooks from a thread of the worker")
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_format(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("whsec_"):
+            raise ValueError("webhook_secret must look like whsec_<base64 key>")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_width % 8 or self.max_height % 8:
+            raise ValueError("max_width and max_height must be multiples of 8")
+        if self.max_images > self.max_batch_rows:
+            raise ValueError(
+                f"max_images ({self.max_images}) must not exceed max_batch_rows ({self.max_batch_rows}):"
+                " one job's images always run in one batch"
+            )
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be longer than heartbeat_interval_s")
+        return self
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_set)
+
+
+def owner_of(api_key: str) -> str:
+    """The id a job records for the key that made it (never the key itself)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]

@@ -1,0 +1,149 @@
+"""The FastAPI gateway: REST + SSE in front of Redis/RQ. Never imports torch.
+
+``create_app(settings)`` builds an app bound to one settings object; nothing is
+read from the environment here. ``ldm_serve.errors`` are mapped to HTTP status
+codes by exactly one exception handler (:func:`error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+
+from ldm_serve.errors import InvalidInput, LdmServeError, QueueFull, QueueUnavailable, Unauthorized
+from ldm_serve.jobstore import JobStore, connect
+from ldm_serve.results import RedisResultStore
+from ldm_serve.settings import Settings
+from service.deps import Gateway
+from service.metrics import GatewayMetrics
+from service.routes import generate, jobs, system
+from service.schemas import build_schemas
+
+log = logging.getLogger("ldm_serve.gateway")
+
+
+def error_response(exc: LdmServeError) -> JSONResponse:
+    """The one mapping from ``ldm_serve.errors`` to an HTTP response."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, QueueFull):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, QueueUnavailable):
+        headers["Retry-After"] = "1"
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+
+
+async def _handle_ldm_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LdmServeError)
+    return error_response(exc)
+
+
+async def _handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own parameter validation (path/query/header) in the same error shape."""
+    assert isinstance(exc, RequestValidationError)
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]
+    return error_response(InvalidInput(".".join(loc) or "request", err.get("msg", "invalid")))
+
+
+async def _reap_forever(gw: Gateway) -> None:
+    """Recover jobs of dead workers even when no other worker is idle to do it."""
+    while True:
+        await asyncio.sleep(gw.settings.reap_interval_s)
+        with contextlib.suppress(LdmServeError):
+            recovered = await run_in_threadpool(gw.store.recover_dead_workers)
+            if recovered:
+                log.warning("recovered %d job(s) of dead workers", len(recovered))
+
+
+def _openapi_with_bodies(app: FastAPI, gw_schemas: Any) -> dict[str, Any]:
+    """OpenAPI document including the request bodies (validated by hand for uniform errors)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema(
+        [(gw_schemas.Txt2ImgRequest, "validation"), (gw_schemas.InpaintRequest, "validation"),
+         (gw_schemas.InpaintForm, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    ref = "#/components/schemas/{}".format
+    doc["paths"]["/v1/txt2img"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": ref("Txt2ImgRequest")}}},
+    }
+    form = {"allOf": [{"$ref": ref("InpaintForm")}], "properties": {
+        "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}},
+        "required": ["image", "mask"]}
+    doc["paths"]["/v1/inpaint"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": ref("InpaintRequest")}},
+            "multipart/form-data": {"schema": form},
+        },
+    }
+    app.openapi_schema = doc
+    return doc
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the gateway for ``settings``."""
+    schemas = build_schemas(settings)
+    metrics = GatewayMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conn = connect(settings)
+        store = JobStore(conn, settings)
+        aredis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10
+        )
+        gw = Gateway(settings, store, aredis, RedisResultStore(conn, store.keys), schemas, metrics)
+        app.state.gateway = gw
+        reaper = asyncio.create_task(_reap_forever(gw))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await aredis.aclose()
+            conn.close()
+
+    app = FastAPI(
+        title="ldm-serve",
+        version="0.1.0",
+        description="Latent Diffusion inference: queue jobs, poll or stream them, fetch images.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(LdmServeError, _handle_ldm_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(template, request.method).observe(time.perf_counter() - t0)
+        return response
+
+    app.include_router(generate.router)
+    app.include_router(jobs.router)
+    app.include_router(system.router)
+    app.openapi = lambda: _openapi_with_bodies(app, schemas)  # type: ignore[method-assign]
+    return app

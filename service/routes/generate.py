@@ -1,0 +1,274 @@
+"""Submission routes: ``POST /v1/txt2img`` and ``POST /v1/inpaint``.
+
+Both validate the request, resolve the model and the seeds, store inpainting
+inputs, enqueue one job and answer ``202`` with the job (or, with
+``Prefer: wait=N``, the finished job when it finishes within N seconds).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from ldm_serve.contract import (
+    GenerationPayload,
+    JobKind,
+    JobStatus,
+    WebhookEventType,
+    WebhookSpec,
+    new_job_id,
+)
+from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
+from service.deps import Gateway, GatewayDep, OwnerDep
+from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
+from service.routes.jobs import public_job
+from service.schemas import SEED_MAX
+from service.streams import wait_for_terminal
+
+router = APIRouter(prefix="/v1", tags=["generate"])
+
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?", re.IGNORECASE)
+IDEMPOTENCY_KEY_MAX = 255
+DEFAULT_SIZE = 512
+
+
+def parse_prefer_wait(prefer: str | None, max_wait_s: int) -> int | None:
+    """Seconds requested by ``Prefer: wait[=N]`` (capped at ``max_wait_s``), or None."""
+    if not prefer:
+        return None
+    m = _PREFER_WAIT.search(prefer)
+    if m is None:
+        return None
+    return min(int(m.group(1)) if m.group(1) else max_wait_s, max_wait_s)
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    if seed is None:
+        return [secrets.randbelow(SEED_MAX + 1) for _ in range(n)]
+    return [(seed + i) % (SEED_MAX + 1) for i in range(n)]
+
+
+async def _resolve_model(gw: Gateway, requested: str | None) -> tuple[str, int]:
+    """The model a job runs on and that model's default pixel size."""
+    workers = await gw.call(gw.store.live_workers)
+    live = {w.model: w for w in workers}
+    known = set(await gw.call(gw.store.known_models)) | set(live)
+    if requested is not None:
+        if requested not in known:
+            raise UnknownModel("model", f"{requested!r} is not served; available: {sorted(known)}")
+        model = requested
+    else:
+        model = gw.settings.default_model or (min(live) if live else (min(known) if known else None))
+        if model is None:
+            raise QueueUnavailable("no worker has registered a model yet; start `ldm-serve worker`")
+    info = live.get(model)
+    return model, (info.default_size if info and info.default_size else DEFAULT_SIZE)
+
+
+async def _submit(
+    gw: Gateway,
+    req: BaseModel,
+    kind: JobKind,
+    owner: str | None,
+    idempotency_key: str | None,
+    prefer: str | None,
+    inputs: tuple[bytes, bytes, int, int] | None = None,
+) -> JSONResponse:
+    s = gw.settings
+    wait_s = parse_prefer_wait(prefer, s.max_wait_s)
+    if idempotency_key is not None:
+        if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
+            raise InvalidInput("Idempotency-Key", f"must be 1..{IDEMPOTENCY_KEY_MAX} characters")
+        existing = await gw.call(gw.store.find_idempotent, owner, idempotency_key)
+        if existing is not None:
+            return await _respond(gw, existing, wait_s, replayed=True)
+    data: dict[str, Any] = req.model_dump()
+    webhook = None
+    if data["webhook"]:
+        if not s.webhook_secret:
+            raise InvalidInput("webhook", "webhooks are disabled on this server (no webhook_secret configured)")
+        from ldm_serve.webhooks import validate_webhook_url
+
+        await gw.call(validate_webhook_url, data["webhook"], allow_private=s.allow_private_webhooks)
+        events = data["webhook_events_filter"] or [WebhookEventType.START, WebhookEventType.COMPLETED]
+        webhook = WebhookSpec(url=data["webhook"], events=list(dict.fromkeys(events)))
+    elif data["webhook_events_filter"]:
+        raise InvalidInput("webhook_events_filter", "needs a webhook URL")
+    model, default_size = await _resolve_model(gw, data["model"])
+    if inputs is not None:
+        width, height = inputs[2], inputs[3]
+    else:
+        width, height = data["width"] or default_size, data["height"] or default_size
+    payload = GenerationPayload(
+        job_id=new_job_id(),
+        kind=kind,
+        model=model,
+        prompt=data["prompt"],
+        negative_prompt=data["negative_prompt"],
+        n=data["n"],
+        width=width,
+        height=height,
+        steps=data["steps"],
+        guidance_scale=data["guidance_scale"],
+        eta=data["eta"],
+        seeds=_seeds(data["seed"], data["n"]),
+        output_format=data["output_format"],
+        quality=data["quality"],
+        priority=data["priority"],
+        webhook=webhook,
+        metadata=data["metadata"],
+        owner=owner,
+        created_at=time.time(),
+    )
+    if inputs is not None:
+        lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
+        await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
+        await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
+    try:
+        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key)
+    except QueueFull:
+        gw.metrics.jobs_rejected.labels("queue_full").inc()
+        raise
+    if created:
+        gw.metrics.jobs_submitted.labels(model, kind.value).inc()
+    return await _respond(gw, job_id, wait_s, replayed=not created)
+
+
+async def _respond(gw: Gateway, job_id: str, wait_s: int | None, *, replayed: bool) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait_s:
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        await wait_for_terminal(gw, job_id, wait_s)
+    rec = await gw.call(gw.store.get, job_id)
+    view = await public_job(gw, job_id, rec)
+    code = 200 if JobStatus(rec["status"]).terminal else 202
+    return JSONResponse(view, status_code=code, headers=headers)
+
+
+def _idem_header() -> Any:
+    return Header(alias="Idempotency-Key", description="Retrying with the same key returns the same job.")
+
+
+@router.post("/txt2img", status_code=202, summary="Queue a text-to-image job")
+async def txt2img(
+    request: Request,
+    gw: GatewayDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, _idem_header()] = None,
+    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
+) -> JSONResponse:
+    body = await _json_body(request, _body_limit(gw))
+    try:
+        req = gw.schemas.Txt2ImgRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    return await _submit(gw, req, JobKind.TXT2IMG, owner, idempotency_key, prefer)
+
+
+@router.post(
+    "/inpaint",
+    status_code=202,
+    summary="Queue an inpainting job (JSON with base64 images, or multipart uploads)",
+)
+async def inpaint(
+    request: Request,
+    gw: GatewayDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, _idem_header()] = None,
+    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
+) -> JSONResponse:
+    s = gw.settings
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=s.max_upload_bytes + 1024)
+        files: dict[str, bytes] = {}
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read(s.max_upload_bytes + 1)
+                files[key] = data
+            else:
+                fields[key] = _form_value(key, value)
+        for name in ("image", "mask"):
+            if name not in files:
+                raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
+        try:
+            req = gw.schemas.InpaintForm.model_validate(fields)
+        except ValidationError as exc:
+            raise _first_error(exc) from None
+        image_bytes, mask_bytes = files["image"], files["mask"]
+    else:
+        body = await _json_body(request, _body_limit(gw))
+        try:
+            req = gw.schemas.InpaintRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _first_error(exc) from None
+        image_bytes = decode_base64_field("image", req.image, s.max_upload_bytes)  # type: ignore[attr-defined]
+        mask_bytes = decode_base64_field("mask", req.mask, s.max_upload_bytes)  # type: ignore[attr-defined]
+    limits = {"max_bytes": s.max_upload_bytes, "max_pixels": s.max_upload_pixels}
+    image = await gw.call(load_image, "image", image_bytes, **limits)
+    mask = await gw.call(load_image, "mask", mask_bytes, **limits)
+    data = req.model_dump()
+    inputs = await gw.call(
+        prepare_inpaint_inputs,
+        image,
+        mask,
+        width=data["width"],
+        height=data["height"],
+        resize_mask=data["mask_resize"],
+        max_width=s.max_width,
+        max_height=s.max_height,
+    )
+    return await _submit(gw, req, JobKind.INPAINT, owner, idempotency_key, prefer, inputs)
+
+
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise InvalidInput("body", f"{declared} bytes exceeds the request limit of {max_bytes} bytes")
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidInput("body", "is not valid JSON") from None
+
+
+def _body_limit(gw: Gateway) -> int:
+    """JSON bodies may carry two base64 uploads (4/3 of their bytes) plus the other fields."""
+    s = gw.settings
+    return 2 * (s.max_upload_bytes * 4 // 3 + 4) + 4 * s.max_prompt_chars + s.max_metadata_bytes + 65536
+
+
+_LIST_FIELDS = {"webhook_events_filter"}
+
+
+def _form_value(key: str, value: str) -> Any:
+    """Multipart text fields: lists are comma-separated, JSON objects are parsed."""
+    if key in _LIST_FIELDS:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if key == "metadata":
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise InvalidInput("metadata", "must be a JSON object") from None
+    return value
+
+
+def _first_error(exc: ValidationError) -> InvalidInput:
+    """Turn pydantic's first error into InvalidInput naming the field and the limit."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "is not a known field"
+    return InvalidInput(field, message)

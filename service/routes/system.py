@@ -1,0 +1,70 @@
+"""Service routes: models, health, readiness, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ldm_serve.errors import QueueUnavailable
+from service.deps import GatewayDep, OwnerDep
+
+router = APIRouter(tags=["service"])
+
+UNTRAINED_WARNING = "UNTRAINED: random weights for testing; images are noise"
+
+
+@router.get("/v1/models", summary="Models served by live workers")
+async def list_models(gw: GatewayDep, _owner: OwnerDep) -> dict[str, Any]:
+    workers = await gw.call(gw.store.live_workers)
+    models: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        m = models.setdefault(
+            w.model,
+            {
+                "id": w.model,
+                "object": "model",
+                "untrained": w.untrained,
+                "workers": 0,
+                "inpaint_mode": w.inpaint_mode,
+                "default_size": w.default_size,
+                "downsample_factor": w.downsample_factor,
+                "max_prompt_tokens": w.max_prompt_tokens,
+                "max_batch_rows": w.max_batch_rows,
+            },
+        )
+        m["workers"] += 1
+        if w.untrained:
+            m["warning"] = UNTRAINED_WARNING
+    return {"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])}
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: Redis reachable and at least one worker alive")
+async def readyz(gw: GatewayDep) -> JSONResponse:
+    try:
+        await gw.call(gw.store.ping)
+        workers = await gw.call(gw.store.live_workers)
+    except QueueUnavailable as exc:
+        return JSONResponse({"status": "not_ready", "redis": False, "workers": 0, "reason": str(exc)}, 503)
+    if not workers:
+        return JSONResponse({"status": "not_ready", "redis": True, "workers": 0, "reason": "no live worker"}, 503)
+    return JSONResponse({"status": "ready", "redis": True, "workers": len(workers)})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(gw: GatewayDep) -> Response:
+    try:
+        depth = await gw.call(gw.store.queue_depth)
+        gw.metrics.workers_alive.set(len(await gw.call(gw.store.live_workers)))
+        for queue, n in depth.items():
+            gw.metrics.queue_depth.labels(queue).set(n)
+    except QueueUnavailable:
+        pass  # the request counters are still worth scraping
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

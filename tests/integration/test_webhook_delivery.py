@@ -1,0 +1,231 @@
+"""Webhook delivery through real Redis + RQ to a real local HTTP server: signatures, retry, records."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from ldm_serve import webhooks as wh
+from ldm_serve.embedded_redis import EmbeddedValkey
+
+pytestmark = pytest.mark.integration
+
+TEST_DB = 14  # dedicated database, flushed before and after each test
+QUEUE = "test-ldm-webhooks"
+
+
+def _with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, ""))
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL (or 127.0.0.1:6379) on database 14; an embedded Valkey when neither answers."""
+    url = _with_db(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), TEST_DB)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)).ping()
+        yield url
+    except redis.ConnectionError:
+        with EmbeddedValkey() as server:
+            yield _with_db(server.url, TEST_DB)
+
+
+@pytest.fixture
+def conn(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushdb()
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+@pytest.fixture
+def secret(monkeypatch) -> str:
+    value = wh.generate_secret()
+    config = wh.DeliveryConfig(
+        secret=value, allow_private=True, timeout_s=3.0, max_attempts=3, base_delay_s=0.2, jitter=0.0
+    )
+    monkeypatch.setattr(wh, "_config", config)
+    return value
+
+
+class Receiver:
+    """A local HTTP server answering POSTs with the given status codes in turn (the last one repeats)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.requests: list[tuple[dict[str, str], bytes, float]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
+                status = receiver.statuses[min(len(receiver.requests), len(receiver.statuses)) - 1]
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/ldm"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _records(conn: redis.Redis, job_id: str) -> list[dict]:
+    return wh.read_delivery_attempts(conn, wh.attempts_key(job_id))
+
+
+def _run_until(done, tick, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "webhook delivery did not finish in time"
+        tick()
+        time.sleep(0.1)
+
+
+def _metric(result: str) -> float:
+    return REGISTRY.get_sample_value("ldm_webhook_deliveries_total", {"result": result}) or 0.0
+
+
+def test_retry_after_500_with_valid_signatures(conn, secret):
+    delivered_before, retrying_before = _metric("delivered"), _metric("retrying")
+    event = wh.WebhookEvent("job.succeeded", {"id": "job-1", "status": "succeeded"})
+    with Receiver([500, 200]) as receiver:
+        msg_id = wh.enqueue_webhook(conn, job_id="job-1", url=receiver.url, event=event, queue_name=QUEUE)
+        worker = wh.WebhookWorker(conn, QUEUE, poll_s=0.1)
+        _run_until(lambda: any(r["result"] != "retrying" for r in _records(conn, "job-1")), worker.run_once)
+
+    # the receiver saw two attempts of the same message, each validly signed with its own timestamp
+    assert len(receiver.requests) == 2
+    standardwebhooks = pytest.importorskip("standardwebhooks.webhooks")
+    for headers, body, _ in receiver.requests:
+        assert headers["webhook-id"] == msg_id
+        assert headers["content-type"] == "application/json"
+        wh.verify(secret, headers, body)
+        payload = standardwebhooks.Webhook(secret).verify(body, headers)  # the reference implementation
+        assert payload["type"] == "job.succeeded" and payload["data"] == {
+            "id": "job-1",
+            "status": "succeeded",
+        }
+    first, second = receiver.requests
+    assert second[2] - first[2] >= 0.2  # the retry waited for its backoff (base_delay_s)
+
+    records = _records(conn, "job-1")
+    assert [(r["attempt"], r["status_code"], r["result"]) for r in records] == [
+        (1, 500, "retrying"),
+        (2, 200, "delivered"),
+    ]
+    assert records[0]["error"] == "HTTP 500" and "next_attempt_at" in records[0]
+    assert all(r["webhook_id"] == msg_id and r["event_type"] == "job.succeeded" for r in records)
+    assert 0 < conn.ttl(wh.attempts_key("job-1")) <= wh.get_delivery_config().record_ttl_s
+    assert _metric("delivered") == delivered_before + 1 and _metric("retrying") == retrying_before + 1
+
+
+def test_gives_up_after_max_attempts_and_progress_is_not_retried(conn, secret):
+    with Receiver([503]) as receiver:
+        wh.enqueue_webhook(
+            conn,
+            job_id="job-2",
+            url=receiver.url,
+            event=wh.WebhookEvent("job.failed", {"id": "job-2"}),
+            queue_name=QUEUE,
+        )
+        wh.enqueue_webhook(
+            conn,
+            job_id="job-3",
+            url=receiver.url,
+            event=wh.WebhookEvent("job.progress", {"id": "job-3"}),
+            queue_name=QUEUE,
+        )
+        worker = wh.WebhookWorker(conn, QUEUE, poll_s=0.1)
+        _run_until(lambda: any(r["result"] == "gave_up" for r in _records(conn, "job-2")), worker.run_once)
+
+    assert [(r["attempt"], r["result"]) for r in _records(conn, "job-2")] == [
+        (1, "retrying"),
+        (2, "retrying"),
+        (3, "gave_up"),
+    ]
+    assert [(r["attempt"], r["status_code"], r["result"]) for r in _records(conn, "job-3")] == [
+        (1, 503, "gave_up")
+    ]
+    assert len(receiver.requests) == 4
+
+
+def test_connection_error_is_retried(conn, secret):
+    with Receiver([200]) as receiver:
+        dead_url = receiver.url
+    wh.enqueue_webhook(
+        conn, job_id="job-4", url=dead_url, event=wh.WebhookEvent("job.started", {}), queue_name=QUEUE
+    )
+    wh.WebhookWorker(conn, QUEUE).run_once()
+    (record,) = _records(conn, "job-4")
+    assert (
+        record["result"] == "retrying" and record["status_code"] is None and "ConnectError" in record["error"]
+    )
+
+
+def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, secret):
+    """The documented deployment: `rq worker --with-scheduler` (here: SimpleWorker in burst mode)."""
+    with Receiver([500, 200]) as receiver:
+        wh.enqueue_webhook(
+            conn,
+            job_id="job-5",
+            url=receiver.url,
+            event=wh.WebhookEvent("job.canceled", {}),
+            queue_name=QUEUE,
+        )
+
+        def tick() -> None:
+            worker = SimpleWorker([QUEUE], connection=conn, serializer=JSONSerializer)
+            worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
+
+        _run_until(lambda: any(r["result"] == "delivered" for r in _records(conn, "job-5")), tick)
+    assert [r["result"] for r in _records(conn, "job-5")] == ["retrying", "delivered"]
+    assert len(receiver.requests) == 2
+
+
+def test_worker_thread_stops_on_event(conn, secret):
+    with Receiver([200]) as receiver:
+        stop = threading.Event()
+        thread = threading.Thread(target=wh.WebhookWorker(conn, QUEUE, poll_s=0.05).run, args=(stop,))
+        thread.start()
+        try:
+            wh.enqueue_webhook(
+                conn,
+                job_id="job-6",
+                url=receiver.url,
+                event=wh.WebhookEvent("job.started", {}),
+                queue_name=QUEUE,
+            )
+            _run_until(lambda: bool(_records(conn, "job-6")), lambda: None)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert [r["result"] for r in _records(conn, "job-6")] == ["delivered"]
+    assert json.loads(receiver.requests[0][1])["type"] == "job.started"

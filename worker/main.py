@@ -1,0 +1,204 @@
+"""The long-lived, non-forking generation worker.
+
+One process loads its model once, warms it up, registers itself (with a
+heartbeat) and then loops: pop the next job of its model, gather compatible
+queued jobs for a short window, run them as one batch. Jobs are never handed to
+a forked child (CUDA state cannot cross ``fork()``, and the weights would reload).
+
+SIGTERM / SIGINT: stop taking work, finish the current batch, deregister, exit.
+A worker that dies without deregistering is detected by its expired heartbeat;
+any worker (or the gateway) then re-queues its jobs via
+:meth:`ldm_serve.jobstore.JobStore.recover_dead_workers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+from ldm_serve.contract import WorkerInfo
+from ldm_serve.errors import QueueUnavailable
+from ldm_serve.jobstore import JobStore, connect
+from ldm_serve.results import RedisResultStore
+from ldm_serve.settings import Settings
+from worker.batching import BatchCollector
+from worker.metrics import WorkerMetrics
+from worker.runner import BatchRunner
+from worker.webhook_events import WebhookEmitter
+
+log = logging.getLogger("ldm_serve.worker")
+
+
+def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
+    """Load ``settings.model_path``; without one, write and load the tiny untrained model."""
+    from ldm.pipeline import load_pipeline
+
+    path = settings.model_path
+    if path is None:
+        from ldm.random_model import write_random_model
+
+        cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-serve" / "random"
+        path = write_random_model(cache)
+    pipeline = load_pipeline(path, device=settings.device)
+    if getattr(pipeline, "untrained", False):
+        log.warning("=" * 72)
+        log.warning("UNTRAINED MODEL %r: images are noise. Pass --model PATH for real output.", pipeline.name)
+        log.warning("=" * 72)
+    return pipeline
+
+
+class Worker:
+    """One generation worker bound to one loaded pipeline.
+
+    Args:
+        pipeline: the loaded ``LatentDiffusionPipeline``.
+        settings: validated settings.
+        registry: the Prometheus registry for this worker's metrics.
+        row_factory: row type (default ``ldm.pipeline.GenerationRow``).
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        row_factory: Any = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.store = JobStore(connect(settings), settings)
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.webhooks = WebhookEmitter(
+            self.store, settings, on_enqueue=lambda ev: self.metrics.webhooks_enqueued.labels(ev).inc()
+        )
+        self.runner = BatchRunner(
+            pipeline, self.store, RedisResultStore(self.store.redis, self.store.keys), settings, self.metrics,
+            self.webhooks, self.name, row_factory,
+        )
+        self.collector = BatchCollector(self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name))
+        self._stop = threading.Event()
+        self._last_reap = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def info(self) -> WorkerInfo:
+        p = self.pipeline
+        return WorkerInfo(
+            name=self.name,
+            model=p.name,
+            untrained=bool(getattr(p, "untrained", False)),
+            inpaint_mode=getattr(p, "inpaint_mode", None),
+            default_size=getattr(p, "default_size", None),
+            downsample_factor=getattr(p, "downsample_factor", None),
+            max_prompt_tokens=getattr(p, "max_prompt_tokens", None),
+            max_batch_rows=self.settings.max_batch_rows,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=time.time(),
+        )
+
+    def warm_up(self) -> None:
+        """One tiny generation so the first real batch does not pay for lazy initialisation."""
+        size = self.pipeline.default_size  # the most common shape; one step keeps it short
+        t0 = time.monotonic()
+        self.pipeline.generate([self.runner.row_factory(prompt="warm-up", seed=0, steps=1)], size, size)
+        log.info("warm-up done in %.2fs", time.monotonic() - t0)
+
+    def request_stop(self, signum: int | None = None, _frame: Any = None) -> None:
+        """Stop after the current batch (signal handler)."""
+        if not self._stop.is_set():
+            log.info("stop requested (%s): finishing the current batch", signum)
+        self._stop.set()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_s):
+            try:
+                self.store.heartbeat(self.name)
+            except QueueUnavailable:
+                log.warning("heartbeat failed: Redis unreachable")
+
+    def _maybe_reap(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < self.settings.reap_interval_s:
+            return
+        self._last_reap = now
+        recovered = self.store.recover_dead_workers()
+        if recovered:
+            log.warning("recovered %d job(s) of dead workers: %s", len(recovered), recovered)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        """Register, then take batches until asked to stop."""
+        if self.settings.warmup:
+            self.warm_up()
+        self.store.register_worker(self.info())
+        self.metrics.up.set(1)
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb.start()
+        log.info("worker %s serving model %r (pid %d)", self.name, self.pipeline.name, os.getpid())
+        try:
+            orphaned = False
+            while not self._stop.is_set():
+                try:
+                    if orphaned:  # Redis came back: our interrupted jobs go back to the queue
+                        self.store.register_worker(self.info())
+                        recovered = self.store.recover_jobs_of(self.name)
+                        log.warning("Redis is back; re-queued %d interrupted job(s)", len(recovered))
+                        orphaned = False
+                    self._maybe_reap()
+                    self._one_batch()
+                except QueueUnavailable as exc:
+                    log.warning("%s; retrying in 1s", exc)
+                    orphaned = True
+                    self._stop.wait(1.0)
+        finally:
+            self.metrics.up.set(0)
+            self._stop.set()
+            try:
+                self.store.deregister_worker(self.name)
+            except QueueUnavailable:
+                log.warning("could not deregister: Redis unreachable")
+            log.info("worker %s stopped", self.name)
+
+    def _one_batch(self) -> None:
+        first = self.collector.pop_next(timeout_s=1)
+        if first is None:
+            return
+        try:
+            rec = self.store.get(first)
+        except Exception:  # noqa: BLE001 - a popped id without a record is dropped
+            log.warning("popped job %s has no record; dropped", first)
+            return
+        rows_left = self.settings.max_batch_rows - int(rec.get("rows", 1))
+        more = self.collector.gather(rec["bkey"], rows_left, self.settings.batch_window_ms / 1000)
+        self.runner.run([first, *more])
+
+
+def run_worker(settings: Settings, *, cache_dir: Path | None = None) -> None:
+    """Entry point of ``ldm-serve worker``: load, serve metrics, loop until SIGTERM."""
+    registry = REGISTRY  # shared with the webhook delivery metrics of ldm_serve.webhooks
+    if settings.worker_metrics_port is not None:
+        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=registry)
+    pipeline = load_model(settings, cache_dir)
+    worker = Worker(pipeline, settings, registry)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    delivery = None
+    if settings.run_webhook_worker:
+        from worker.webhook_delivery import start_delivery_thread
+
+        delivery = start_delivery_thread(settings)
+    try:
+        worker.run()
+    finally:
+        if delivery is not None:
+            delivery.stop()

@@ -1,0 +1,61 @@
+"""Prometheus metrics of a worker process (served on ``worker_metrics_port``).
+
+Names follow the Prometheus conventions: ``ldm_`` prefix, base units in the
+name, ``_total`` counters, and only bounded labels (model, status, result).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# x2 geometric buckets from 5 ms to ~20 min: covers a CPU step and a long queue wait.
+SECONDS_BUCKETS = tuple(0.005 * 2**i for i in range(19))
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class WorkerMetrics:
+    """Every metric a worker updates, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.jobs_finished = Counter(
+            "ldm_jobs_finished_total", "Jobs finished by this worker, by final status", ["model", "status"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "ldm_job_queue_wait_seconds", "Time from submission to start", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.run_time = Histogram(
+            "ldm_job_run_seconds", "Time from start to the job's last image", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.e2e = Histogram(
+            "ldm_job_e2e_seconds", "Time from submission to the job's last image", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.batch_rows = Histogram(
+            "ldm_batch_size_rows", "Rows (images) per batched DDIM run", ["model"],
+            buckets=ROW_BUCKETS, registry=registry,
+        )
+        self.batch_jobs = Histogram(
+            "ldm_batch_size_jobs", "Jobs per batched DDIM run", ["model"],
+            buckets=ROW_BUCKETS, registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "ldm_denoise_step_seconds", "Wall time of one batched DDIM step", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.decode_seconds = Histogram(
+            "ldm_decode_seconds", "Time from a row's last DDIM step to its decoded image", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.images = Counter(
+            "ldm_images_generated_total", "Images generated and stored", ["model"], registry=registry
+        )
+        self.busy = Gauge("ldm_worker_busy", "1 while the worker runs a batch", registry=registry)
+        self.up = Gauge("ldm_worker_up", "1 while the worker takes jobs", registry=registry)
+        self.webhooks_enqueued = Counter(
+            "ldm_webhook_events_enqueued_total", "Webhook events put on the delivery queue", ["event"],
+            registry=registry,
+        )

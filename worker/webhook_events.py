@@ -1,0 +1,77 @@
+"""Turning job transitions into webhook deliveries on their own RQ queue.
+
+The worker never makes HTTP calls itself: it builds the Standard-Webhooks event
+envelope and enqueues one delivery job per event on ``{prefix}-webhooks``; the
+delivery function (``ldm_serve.webhooks``) signs, posts and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from ldm_serve.contract import GenerationPayload, WebhookEventType, webhook_queue_name
+from ldm_serve.jobstore import JobStore
+from ldm_serve.jobview import job_view
+from ldm_serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def event_type(event: WebhookEventType, status: str) -> str:
+    """Standard-Webhooks event type: ``job.started``, ``job.progress`` or ``job.<terminal status>``."""
+    if event is WebhookEventType.START:
+        return "job.started"
+    if event is WebhookEventType.PROGRESS:
+        return "job.progress"
+    return f"job.{status}"
+
+
+class WebhookEmitter:
+    """Enqueues webhook events for jobs that asked for them.
+
+    Progress events are throttled to one per ``webhook_progress_interval_s`` per job.
+    """
+
+    def __init__(self, store: JobStore, settings: Settings, on_enqueue: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.queue_name = webhook_queue_name(settings.redis_prefix)
+        self._last_progress: dict[str, float] = {}
+        self._on_enqueue = on_enqueue
+
+    def emit(self, payload: GenerationPayload, event: WebhookEventType) -> bool:
+        """Enqueue ``event`` for the job if its webhook filter includes it. Returns whether it did."""
+        from ldm_serve.webhooks import enqueue_webhook
+
+        hook = payload.webhook
+        if hook is None or event not in hook.events:
+            return False
+        if event is WebhookEventType.PROGRESS:
+            now = time.monotonic()
+            last = self._last_progress.get(payload.job_id)
+            if last is not None and now - last < self.settings.webhook_progress_interval_s:
+                return False
+            self._last_progress[payload.job_id] = now
+        if event is WebhookEventType.COMPLETED:
+            self._last_progress.pop(payload.job_id, None)
+        rec = self.store.get(payload.job_id)
+        body = {
+            "type": event_type(event, rec["status"]),
+            "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "data": job_view(rec),
+        }
+        enqueue_webhook(
+            self.store.redis,
+            job_id=payload.job_id,
+            url=hook.url,
+            event=body,
+            queue_name=self.queue_name,
+            record_key=self.store.keys.webhook_attempts(payload.job_id),
+            record_ttl_s=self.settings.result_ttl_s,
+        )
+        if self._on_enqueue is not None:
+            self._on_enqueue(event.value)
+        return True
