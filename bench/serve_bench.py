@@ -63,6 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def n_requests(args: argparse.Namespace, concurrency: int) -> int:
+    """Requests at a concurrency level: ``--requests`` per client, at least ``--min-requests``."""
+    return max(args.min_requests, args.requests * concurrency)
+
+
 def run_load(mode: str, concurrency: int, requests: int, one: callable) -> Result:
     """``requests`` calls of ``one(i)`` from ``concurrency`` threads; latency per call."""
     latencies: list[float] = []
@@ -84,14 +89,13 @@ def run_load(mode: str, concurrency: int, requests: int, one: callable) -> Resul
 def bench_in_process(args: argparse.Namespace, model: Path) -> list[Result]:
     from ldm.pipeline import GenerationRow, load_pipeline
 
-    pipe = load_pipeline(model, device=args.device)
+    pipe = load_pipeline(model, device=args.device, batch_invariant=args.batch_invariant)
     pipe.generate([GenerationRow(prompt="warm-up", seed=0, steps=args.steps)], args.size, args.size)
 
     def one(i: int) -> None:
         pipe.generate([GenerationRow(prompt=f"bench {i}", seed=i, steps=args.steps)], args.size, args.size)
 
-    return [run_load("in-process", c, args.requests * c if c > 1 else args.requests, one)
-            for c in args.concurrency]
+    return [run_load("in-process", c, n_requests(args, c), one) for c in args.concurrency]
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -114,8 +118,10 @@ def wait(pred: callable, timeout_s: float, what: str) -> None:
 def bench_service(args: argparse.Namespace, model: Path, redis_url: str, logs: Path) -> tuple[list[Result], float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), LDM_REDIS_URL=redis_url, LDM_REDIS_PREFIX="bench",
                LDM_MAX_BATCH_ROWS=str(args.max_batch_rows), LDM_BATCH_WINDOW_MS=str(args.batch_window_ms),
-               LDM_MAX_QUEUE_DEPTH="100000", LDM_MAX_WIDTH="2048", LDM_MAX_HEIGHT="2048",
+               LDM_MAX_QUEUE_DEPTH="100000", LDM_REDIS_SOCKET_TIMEOUT_S="60", LDM_MAX_WIDTH="2048", LDM_MAX_HEIGHT="2048",
                LDM_MAX_IMAGES=str(min(4, args.max_batch_rows)))
+    if args.batch_invariant is not None:
+        env["LDM_BATCH_INVARIANT"] = str(args.batch_invariant).lower()
     env.pop("REDIS_URL", None)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -141,8 +147,7 @@ def bench_service(args: argparse.Namespace, model: Path, redis_url: str, logs: P
                     raise RuntimeError(f"job did not finish in time: HTTP {r.status_code} {job}")
                 c.get(job["images"][0]["url"]).raise_for_status()
 
-            results = [run_load("service", cc, args.requests * cc if cc > 1 else args.requests, one)
-                       for cc in args.concurrency]
+            results = [run_load("service", cc, n_requests(args, cc), one) for cc in args.concurrency]
         with httpx.Client(base_url=f"http://127.0.0.1:{sub_port}", timeout=30, limits=limits) as c:
             n = args.submit_jobs
 
@@ -184,7 +189,8 @@ def report(args: argparse.Namespace, inproc: list[Result], service: list[Result]
         f"* batching: service images/s at concurrency {max(by_c)} vs {c1}: **{speedup:.2f}x** (goal >= 2x)",
         "",
         f"Setup: model `{model.name}`, {args.size}x{args.size}, {args.steps} DDIM steps, device `{args.device}`, "
-        f"max_batch_rows {args.max_batch_rows}, batch window {args.batch_window_ms} ms; "
+        f"max_batch_rows {args.max_batch_rows}, batch window {args.batch_window_ms} ms, "
+        f"batch_invariant {'default' if args.batch_invariant is None else args.batch_invariant}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}.",
         f"Command: `python bench/serve_bench.py {' '.join(sys.argv[1:])}`",
     ]
@@ -197,11 +203,14 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--requests", type=int, default=8, help="requests at concurrency 1 (x concurrency above)")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client thread")
+    ap.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--max-batch-rows", type=int, default=16)
     ap.add_argument("--batch-window-ms", type=int, default=20)
     ap.add_argument("--submit-jobs", type=int, default=400)
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                    help="force the pipeline's row-serial UNet on/off (default: the pipeline's choice, on for CPU)")
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
     args = ap.parse_args()
 
@@ -228,7 +237,8 @@ def main() -> int:
     text = report(args, inproc, service, submit_rate, model)
     print(text)
     if args.out:
-        args.out.write_text("# Serving benchmark\n\nGenerated by `bench/serve_bench.py`.\n\n" + text + "\n")
+        with args.out.open("a") as f:
+            f.write("\n## Run\n\n" + text + "\n")
     return 0
 
 

@@ -188,7 +188,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)  # [B, H*W, C]
-        x = x.transpose(1, 2).unflatten(2, (h, w))  # [B, C or inner, H, W]
+        # back to a contiguous NCHW tensor: a channels-last view here would make every
+        # following conv re-layout its weights on each call
+        x = x.transpose(1, 2).unflatten(2, (h, w)).contiguous()  # [B, C or inner, H, W]
         if not self.use_linear:
             x = self.proj_out(x)  # [B, C, H, W]
         return x + x_in

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import pickle
 import re
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -147,12 +148,16 @@ def _numpy_safe_globals() -> list[Any]:
     ]
 
 
+_ALLOW_LIST_LOCK = threading.Lock()
+
+
 def _torch_load_restricted(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with the numpy / Lightning-placeholder allow-list."""
     allowed = [*_numpy_safe_globals(), *_PLACEHOLDERS]
     mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
     try:
-        with torch.serialization.safe_globals(allowed):
+        # torch keeps the allow-list in one process-wide set; serialise our loads around it
+        with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))

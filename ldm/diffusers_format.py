@@ -92,7 +92,7 @@ def _check(cfg: Mapping[str, Any], where: str, key: str, allowed: tuple[Any, ...
         raise ConfigError(f"{where}: {key}={cfg[key]!r} is not supported (supported: {allowed})")
 
 
-def _uniform(value: Any, count: int, where: str) -> int:
+def _uniform(value: Any, where: str) -> int:
     """An int, or a list of ``count`` equal ints (diffusers allows per-block values)."""
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
@@ -189,23 +189,21 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> UNetConfig:
     else:
         raise ConfigError(f"{where}: head counts {heads} give neither a fixed count nor a fixed head width")
 
-    sample_size = cfg.get("sample_size")
-    del sample_size  # the latent training size lives in ModelConfig.image_size
     return UNetConfig(
         in_channels=int(cfg.get("in_channels", 4)),
         out_channels=int(cfg.get("out_channels", 4)),
         model_channels=mc,
         channel_mult=tuple(w // mc for w in widths),
-        num_res_blocks=_uniform(cfg.get("layers_per_block", 2), levels, f"{where} layers_per_block"),
+        num_res_blocks=_uniform(cfg.get("layers_per_block", 2), f"{where} layers_per_block"),
         attention_resolutions=tuple(sorted((2**level for level in attn_levels), reverse=True)),
         num_heads=num_heads,
         num_head_channels=head_channels,
         legacy=False,
         use_spatial_transformer=True,
         transformer_depth=_uniform(
-            cfg.get("transformer_layers_per_block", 1), levels, f"{where} transformer_layers_per_block"
+            cfg.get("transformer_layers_per_block", 1), f"{where} transformer_layers_per_block"
         ),
-        context_dim=_uniform(cfg.get("cross_attention_dim", 1280), levels, f"{where} cross_attention_dim"),
+        context_dim=_uniform(cfg.get("cross_attention_dim", 1280), f"{where} cross_attention_dim"),
         use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)),
     )
 
@@ -429,6 +427,16 @@ _VAE_ATTN = {
     "value": "v",
     "proj_attn": "proj_out",
 }
+_VAE_TOP = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.conv_norm_out": "encoder.norm_out",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.conv_out": "decoder.conv_out",
+    "decoder.conv_norm_out": "decoder.norm_out",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
 _VAE_BLOCK = re.compile(
     r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)$"
 )
@@ -451,42 +459,29 @@ def vae_state_dict_from_diffusers(
     out: dict[str, torch.Tensor] = {}
 
     def rename(key: str) -> str | None:
-        for old, new in (
-            ("encoder.conv_norm_out.", "encoder.norm_out."),
-            ("decoder.conv_norm_out.", "decoder.norm_out."),
-        ):
-            if key.startswith(old):
-                return new + key[len(old) :]
-        if key.split(".")[0] in ("quant_conv", "post_quant_conv") or re.match(
-            r"^(encoder|decoder)\.conv_(in|out)\.", key
-        ):
-            return key
+        module, _, param = key.rpartition(".")
+        if module in _VAE_TOP:
+            return f"{_VAE_TOP[module]}.{param}"
         if m := _VAE_MID.match(key):
             part, kind, j, name, param = m.groups()
             if kind == "resnets":
                 inner = _resnet_key(f"{name}.{param}", _VAE_RESNET)
-                return f"{part}.mid.block_{int(j) + 1}.{inner}" if inner and int(j) in (0, 1) else None
+                return f"{part}.mid.block_{int(j) + 1}.{inner}" if inner and j in ("0", "1") else None
             return f"{part}.mid.attn_1.{_VAE_ATTN[name]}.{param}" if name in _VAE_ATTN and j == "0" else None
         m = _VAE_BLOCK.match(key)
         if m is None:
             return None
-        part, side, i, kind, j, rest = (
-            m.group(1),
-            m.group(2),
-            int(m.group(3)),
-            m.group(4),
-            int(m.group(5)),
-            m.group(6),
-        )
-        if i >= levels or (part == "encoder") != (side == "down"):
+        part, side, i, kind, j, rest = m.groups()
+        if int(i) >= levels or (part == "encoder") != (side == "down"):
             return None
-        level = i if part == "encoder" else levels - 1 - i
+        # the decoder's up blocks are numbered the other way round
+        level = int(i) if part == "encoder" else levels - 1 - int(i)
         block = "down" if part == "encoder" else "up"
         if kind == "resnets":
             inner = _resnet_key(rest, _VAE_RESNET)
             return f"{part}.{block}.{level}.block.{j}.{inner}" if inner else None
         resample = "downsample" if kind == "downsamplers" else "upsample"
-        if j == 0 and rest.startswith("conv.") and (kind == "downsamplers") == (part == "encoder"):
+        if j == "0" and rest.startswith("conv.") and (kind == "downsamplers") == (part == "encoder"):
             return f"{part}.{block}.{level}.{resample}.{rest}"
         return None
 

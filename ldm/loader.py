@@ -216,6 +216,69 @@ def _finish(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.M
     return module
 
 
+def _unet_keys(config: ModelConfig) -> list[str]:
+    """The UNet's state-dict keys, from a parameter-free build on the meta device."""
+    with torch.device("meta"):
+        return list(UNetModel(config.unet).state_dict())
+
+
+@dataclass
+class _Source:
+    """What a path yields before any module is built: config, weights per component."""
+
+    config: ModelConfig
+    parts: CheckpointComponents
+    cond_stage: dict[str, torch.Tensor]  # in the encoder module's key layout
+    tokenizer_dir: Path
+
+
+def _open_folder(
+    path: Path, config: ConfigSource, use_ema: bool | None, prediction_type: str | None
+) -> _Source:
+    if not is_diffusers_folder(path):
+        raise CheckpointError(f"{path} is a directory without model_index.json (not a diffusers folder)")
+    if use_ema:
+        raise CheckpointError(f"use_ema=True but the diffusers folder {path} holds no EMA weights")
+    folder = read_diffusers_folder(path, prediction_type=prediction_type)
+    cfg = folder.config if config is None else resolve_config(config, path, {}, prediction_type)
+    parts = CheckpointComponents(
+        unet=folder.unet, first_stage=folder.first_stage, cond_stage=folder.cond_stage
+    )
+    return _Source(cfg, parts, folder.cond_stage, folder.tokenizer_dir)
+
+
+def _open_checkpoint(
+    path: Path, config: ConfigSource, use_ema: bool | None, prediction_type: str | None
+) -> _Source:
+    sd = read_state_dict(path)
+    cfg = resolve_config(config, path, sd, prediction_type)
+    parts = split_components(sd, use_ema, unet_keys=_unet_keys(cfg))
+    if parts.unexpected:
+        raise CheckpointError(
+            f"{path} holds weights outside the UNet / first stage / cond stage of a {cfg.family} model",
+            unexpected=parts.unexpected,
+        )
+    _check_schedule(cfg, model_alphas_cumprod(cfg), parts.buffers)
+    cond_sd = cond_stage_state_dict(parts.cond_stage, cfg.cond_stage)
+    if cfg.cond_stage is None and cond_sd:
+        if cfg.inpaint_mode != "ldm":
+            raise CheckpointError(
+                f"{path} has cond_stage_model weights but the {cfg.family} config has no conditioning encoder",
+                unexpected=sorted(cond_sd),
+            )
+        _check_first_stage_copy(cond_sd, parts.first_stage)
+    return _Source(cfg, parts, cond_sd, path.parent / "tokenizer")
+
+
+def _scale_factor(source: _Source, path: Path) -> float:
+    stored = source.parts.buffers.get("scale_factor")
+    if stored is not None:
+        return float(stored)
+    if source.config.scale_by_std:
+        raise CheckpointError(f"the config sets scale_by_std but {path} stores no scale_factor buffer")
+    return source.config.scale_factor
+
+
 def load_model(
     path: str | Path,
     config: ConfigSource = None,
@@ -251,60 +314,18 @@ def load_model(
     """
     path = Path(path)
     device = torch.device(device)
-    if path.is_dir():
-        if not is_diffusers_folder(path):
-            raise CheckpointError(f"{path} is a directory without model_index.json (not a diffusers folder)")
-        if use_ema:
-            raise CheckpointError(f"use_ema=True but the diffusers folder {path} holds no EMA weights")
-        folder = read_diffusers_folder(path, prediction_type=prediction_type)
-        cfg = folder.config
-        if config is not None:
-            cfg = resolve_config(config, path, {}, prediction_type)
-        parts = CheckpointComponents(
-            unet=folder.unet, first_stage=folder.first_stage, cond_stage=folder.cond_stage
-        )
-        cond_sd = folder.cond_stage
-        default_tokenizer_dir = path / "tokenizer"
-    else:
-        sd = read_state_dict(path)
-        cfg = resolve_config(config, path, sd, prediction_type)
-        parts = None
-        default_tokenizer_dir = path.parent / "tokenizer"
+    opener = _open_folder if path.is_dir() else _open_checkpoint
+    source = opener(path, config, use_ema, prediction_type)
+    cfg, parts = source.config, source.parts
+    scale_factor = _scale_factor(source, path)
 
-    alphas = model_alphas_cumprod(cfg)
     unet = UNetModel(cfg.unet)
-    if parts is None:
-        parts = split_components(sd, use_ema, unet_keys=list(unet.state_dict()))
-        if parts.unexpected:
-            raise CheckpointError(
-                f"{path} holds weights outside the UNet / first stage / cond stage of a {cfg.family} model",
-                unexpected=parts.unexpected,
-            )
-        _check_schedule(cfg, alphas, parts.buffers)
-        cond_sd = cond_stage_state_dict(parts.cond_stage, cfg.cond_stage)
-
     first_stage = build_first_stage(cfg.first_stage)
     cond_stage = build_cond_stage(cfg.cond_stage)
-    if cond_stage is None and cond_sd:
-        if cfg.inpaint_mode != "ldm":
-            raise CheckpointError(
-                f"{path} has cond_stage_model weights but the {cfg.family} config has no conditioning encoder",
-                unexpected=sorted(parts.cond_stage),
-            )
-        _check_first_stage_copy(cond_sd, parts.first_stage)
-
-    stored_scale = parts.buffers.get("scale_factor")
-    if stored_scale is not None:
-        scale_factor = float(stored_scale)
-    elif cfg.scale_by_std:
-        raise CheckpointError(f"the config sets scale_by_std but {path} stores no scale_factor buffer")
-    else:
-        scale_factor = cfg.scale_factor
-
     for module, weights, name in (
         (unet, parts.unet, "unet"),
         (first_stage, parts.first_stage, "first_stage"),
-        (cond_stage, cond_sd, "cond_stage"),
+        (cond_stage, source.cond_stage, "cond_stage"),
     ):
         if module is None:
             continue
@@ -313,16 +334,15 @@ def load_model(
         _finish(module, device, dtype)
 
     tokenizer = load_tokenizer_for(
-        cfg, Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir
+        cfg, Path(tokenizer_dir) if tokenizer_dir is not None else source.tokenizer_dir
     )
-
     return LoadedModel(
         config=cfg,
         unet=unet,
         first_stage=first_stage,
         cond_stage=cond_stage,
         tokenizer=tokenizer,
-        alphas_cumprod=alphas,
+        alphas_cumprod=model_alphas_cumprod(cfg),
         scale_factor=scale_factor,
         source=str(path),
         used_ema=parts.used_ema,

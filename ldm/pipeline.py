@@ -162,11 +162,12 @@ class LatentDiffusionPipeline:
     def validate_size(self, width: int, height: int) -> None:
         """Raise :class:`InvalidInput` unless both sides fit the model's geometry."""
         m = self.size_multiple
+        lo = 2 * m  # the deepest UNet level needs at least 2x2 cells for its GroupNorms
         for field, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidInput(field, f"must be an integer, got {value!r}")
-            if value < m or value > MAX_SIDE:
-                raise InvalidInput(field, f"must be between {m} and {MAX_SIDE} pixels, got {value}")
+            if value < lo or value > MAX_SIDE:
+                raise InvalidInput(field, f"must be between {lo} and {MAX_SIDE} pixels, got {value}")
             if value % m:
                 raise InvalidInput(
                     field,

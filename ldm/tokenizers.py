@@ -131,17 +131,43 @@ class CLIPTokenizer(TextTokenizer):
             ConfigError: the vocabulary lacks the special or pad token.
         """
         directory = Path(path)
-        vocab_path, merges_path = _require_files(directory, ("vocab.json", "merges.txt"))
-        try:
-            vocab: dict[str, int] = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read CLIP vocabulary {vocab_path}: {exc}") from exc
-        merges = _read_merges(merges_path)
+        if not (directory / "vocab.json").is_file() and (directory / "tokenizer.json").is_file():
+            # transformers >= 5 saves only tokenizer.json: take its BPE vocab and merges
+            vocab_path = directory / "tokenizer.json"
+            vocab, merges = _bpe_from_tokenizer_json(vocab_path)
+        else:
+            vocab_path, merges_path = _require_files(directory, ("vocab.json", "merges.txt"))
+            try:
+                vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot read CLIP vocabulary {vocab_path}: {exc}") from exc
+            merges = _read_merges(merges_path)
         for special in (CLIP_BOS, CLIP_EOS):
             if special not in vocab:
                 raise ConfigError(f"CLIP vocabulary {vocab_path} has no {special!r} token")
         pad_id = _resolve_pad_id(vocab, pad_token, vocab_path)
         return cls(_build_clip_tokenizer(vocab, merges), max_length=max_length, end_id=vocab[CLIP_EOS], pad_id=pad_id)
+
+
+def _bpe_from_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary and merge rules inside a ``tokenizers`` ``tokenizer.json``.
+
+    Only the model's tables are read; normalisation and splitting are always CLIP's own.
+    Merges are stored either as ``"a b"`` strings or as ``["a", "b"]`` pairs.
+    """
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        vocab = {str(k): int(v) for k, v in model["vocab"].items()}
+        raw = model["merges"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"cannot read a BPE vocabulary from {path}: {exc}") from exc
+    merges: list[tuple[str, str]] = []
+    for rule in raw:
+        parts = rule.split() if isinstance(rule, str) else list(rule)
+        if len(parts) != 2:
+            raise ModelError(f"{path}: a merge rule must be two symbols, got {rule!r}")
+        merges.append((str(parts[0]), str(parts[1])))
+    return vocab, merges
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:

@@ -74,7 +74,7 @@ def translate_redis_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise QueueUnavailable(f"Redis is unreachable: {exc}") from exc
+            raise QueueUnavailable(f"Redis is unreachable ({fn.__name__}): {exc}") from exc
 
     return wrapper
 
@@ -397,8 +397,13 @@ class JobStore:
         pipe.execute()
 
     @translate_redis_errors
-    def heartbeat(self, worker: str) -> None:
-        self.redis.set(self.keys.heartbeat(worker), repr(time.time()), px=int(self.settings.heartbeat_ttl_s * 1000))
+    def heartbeat(self, info: WorkerInfo) -> None:
+        """Refresh the heartbeat and the registry entry (re-creating it if a reaper removed it
+        while this worker was starved of CPU)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.heartbeat(info.name), repr(time.time()), px=int(self.settings.heartbeat_ttl_s * 1000))
+        pipe.hset(self.keys.workers, info.name, info.model_dump_json())
+        pipe.execute()
 
     @translate_redis_errors
     def deregister_worker(self, worker: str) -> None:

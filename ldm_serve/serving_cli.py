@@ -52,6 +52,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         model_path=args.model,
         worker_name=args.name,
         device=args.device,
+        dtype=args.dtype,
         max_batch_rows=args.max_batch_rows,
         worker_metrics_port=args.metrics_port,
     )
@@ -173,6 +174,8 @@ def add_serving_commands(subparsers: Any) -> None:
     wk.add_argument("--model", default=None, help="checkpoint (default: LDM_MODEL_PATH, else the bundled model)")
     wk.add_argument("--name", default=None, help="worker name in the registry (default: host-pid-random)")
     wk.add_argument("--device", default=None, help="torch device (default: LDM_DEVICE or cpu)")
+    wk.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="weights and activations (default: LDM_DTYPE or float32)")
     wk.add_argument("--max-batch-rows", type=int, default=None)
     wk.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     wk.set_defaults(func=_cmd_worker)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("LDM_REDIS_URL", "REDIS_URL", "redis_url"),
     )
     redis_prefix: str = Field(default="ldm", pattern=r"^[A-Za-z0-9_.-]+$")
-    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    redis_socket_timeout_s: float = Field(default=15.0, gt=0, description="read timeout; connect timeout is 2 s")
     max_queue_depth: int = Field(default=256, ge=1, description="queued jobs over all priorities")
     queue_full_retry_after_s: int = Field(default=5, ge=1)
     job_timeout_s: int = Field(default=600, ge=1, description="longest a job may run")
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     worker_name: str | None = None
     device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    batch_invariant: bool | None = Field(
+        default=None, description="UNet one row at a time (bit-identical batched images); default: on for CPU"
+    )
     max_batch_rows: int = Field(default=8, ge=1)
     batch_window_ms: int = Field(default=50, ge=0, description="how long to gather compatible jobs")
     heartbeat_interval_s: float = Field(default=2.0, gt=0)

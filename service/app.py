@@ -30,6 +30,7 @@ from service.deps import Gateway
 from service.metrics import GatewayMetrics
 from service.routes import generate, jobs, system
 from service.schemas import build_schemas
+from service.streams import KEEPALIVE_MS
 
 log = logging.getLogger("ldm_serve.gateway")
 
@@ -108,8 +109,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conn = connect(settings)
         store = JobStore(conn, settings)
+        # Blocking XREADs (SSE keep-alive, Prefer: wait) must end before the socket times out;
+        # redis-py's default async read timeout (5 s) would cut every longer wait.
         aredis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10
+            settings.redis_url,
+            socket_connect_timeout=2.0,
+            socket_timeout=max(settings.max_wait_s, KEEPALIVE_MS / 1000) + settings.redis_socket_timeout_s,
+            health_check_interval=10,
         )
         gw = Gateway(settings, store, aredis, RedisResultStore(conn, store.keys), schemas, metrics)
         app.state.gateway = gw

@@ -3,6 +3,7 @@ torch-free stand-in pipeline for worker logic tests."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -29,6 +30,38 @@ def redis_url(db: int = TEST_DB) -> str:
     """``REDIS_URL`` when set (CI), else the local server, with our database number."""
     parts = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+_embedded: list[Any] = []
+
+
+def _reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def redis_for_tests(db: int = TEST_DB) -> str:
+    """``REDIS_URL`` when set (CI); else the local server on 6379; else an embedded Valkey
+    started once for the test session (stopped at exit)."""
+    url = redis_url(db)
+    if "REDIS_URL" in os.environ or _reachable(url):
+        return url
+    if not _embedded:
+        from ldm_serve.embedded_redis import EmbeddedRedisError, EmbeddedValkey
+
+        server = EmbeddedValkey(port=free_port())
+        try:
+            server.start()
+        except EmbeddedRedisError as exc:
+            pytest.skip(f"no Redis at {url} and no embedded Valkey ({exc}); set REDIS_URL")
+        atexit.register(server.stop)
+        _embedded.append(server)
+    base = urlsplit(_embedded[0].url)
+    return urlunsplit(base._replace(path=f"/{db}"))
+
+
 
 
 def require_redis(url: str) -> redis.Redis:

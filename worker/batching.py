@@ -76,8 +76,12 @@ class BatchCollector:
             return None
         return got[1].decode()
 
-    def gather(self, key: str, rows_left: int, window_s: float) -> list[str]:
-        """Take compatible queued jobs for up to ``window_s`` seconds or until the rows are full."""
+    def gather(self, key: str, rows_left: int, window_s: float, linger: bool = True) -> list[str]:
+        """Take compatible queued jobs for up to ``window_s`` seconds or until the rows are full.
+
+        With ``linger=False`` the window is only used when the first scan finds company:
+        a lone request under light load then starts at once instead of paying the window.
+        """
         taken: list[str] = []
         deadline = self.clock() + window_s
         while rows_left > 0:
@@ -85,7 +89,7 @@ class BatchCollector:
                 if self._take(c.job_id):
                     taken.append(c.job_id)
                     rows_left -= c.rows
-            if rows_left <= 0 or self.clock() >= deadline:
+            if rows_left <= 0 or self.clock() >= deadline or not (taken or linger):
                 break
             self.sleep(min(0.01, max(0.0, deadline - self.clock())))
         return taken

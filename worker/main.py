@@ -48,7 +48,11 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
 
         cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-serve" / "random"
         path = write_random_model(cache)
-    pipeline = load_pipeline(path, device=settings.device)
+    import torch
+
+    pipeline = load_pipeline(
+        path, device=settings.device, dtype=getattr(torch, settings.dtype), batch_invariant=settings.batch_invariant
+    )
     if getattr(pipeline, "untrained", False):
         log.warning("=" * 72)
         log.warning("UNTRAINED MODEL %r: images are noise. Pass --model PATH for real output.", pipeline.name)
@@ -88,6 +92,7 @@ class Worker:
         self.collector = BatchCollector(self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name))
         self._stop = threading.Event()
         self._last_reap = 0.0
+        self._last_batch_jobs = 1
 
     # ------------------------------------------------------------------ lifecycle
     def info(self) -> WorkerInfo:
@@ -119,10 +124,10 @@ class Worker:
             log.info("stop requested (%s): finishing the current batch", signum)
         self._stop.set()
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, info: WorkerInfo) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_s):
             try:
-                self.store.heartbeat(self.name)
+                self.store.heartbeat(info)
             except QueueUnavailable:
                 log.warning("heartbeat failed: Redis unreachable")
 
@@ -140,9 +145,10 @@ class Worker:
         """Register, then take batches until asked to stop."""
         if self.settings.warmup:
             self.warm_up()
-        self.store.register_worker(self.info())
+        info = self.info()
+        self.store.register_worker(info)
         self.metrics.up.set(1)
-        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb = threading.Thread(target=self._heartbeat_loop, args=(info,), name="heartbeat", daemon=True)
         hb.start()
         log.info("worker %s serving model %r (pid %d)", self.name, self.pipeline.name, os.getpid())
         try:
@@ -163,6 +169,7 @@ class Worker:
         finally:
             self.metrics.up.set(0)
             self._stop.set()
+            hb.join(5)  # so that no heartbeat re-registers us after deregistration
             try:
                 self.store.deregister_worker(self.name)
             except QueueUnavailable:
@@ -179,7 +186,11 @@ class Worker:
             log.warning("popped job %s has no record; dropped", first)
             return
         rows_left = self.settings.max_batch_rows - int(rec.get("rows", 1))
-        more = self.collector.gather(rec["bkey"], rows_left, self.settings.batch_window_ms / 1000)
+        # Wait for batch-mates when the last batch had company (load) or some are already queued.
+        more = self.collector.gather(
+            rec["bkey"], rows_left, self.settings.batch_window_ms / 1000, linger=self._last_batch_jobs > 1
+        )
+        self._last_batch_jobs = 1 + len(more)
         self.runner.run([first, *more])
 
 

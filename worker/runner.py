@@ -227,15 +227,15 @@ class BatchRunner:
             return []
         ids = list(per_job)
         keys = self.store.keys
-        flags = self.store.redis.mget([keys.cancel(j) for j in ids])
-        pipe = self.store.redis.pipeline(transaction=False)
+        pipe = self.store.redis.pipeline(transaction=False)  # one round trip per step for all jobs
         for job_id in ids:
             run, step, total = per_job[job_id]
             run.last_step = step
             pipe.hset(keys.job(job_id), mapping={"step": step, "total": total})
             pipe.xadd(keys.events(job_id), {"type": EventType.PROGRESS.value,
                                             "data": _json({"step": step, "total": total})}, maxlen=2000)
-        pipe.execute()
+        pipe.mget([keys.cancel(j) for j in ids])
+        flags = pipe.execute()[-1]
         drop: list[int] = []
         now = time.time()
         for job_id, flag in zip(ids, flags, strict=True):

@@ -96,9 +96,9 @@ async def _submit(
             raise InvalidInput("webhook", "webhooks are disabled on this server (no webhook_secret configured)")
         from ldm_serve.webhooks import validate_webhook_url
 
-        await gw.call(validate_webhook_url, data["webhook"], allow_private=s.allow_private_webhooks)
+        url = await gw.call(validate_webhook_url, data["webhook"], allow_private=s.allow_private_webhooks)
         events = data["webhook_events_filter"] or [WebhookEventType.START, WebhookEventType.COMPLETED]
-        webhook = WebhookSpec(url=data["webhook"], events=list(dict.fromkeys(events)))
+        webhook = WebhookSpec(url=url, events=list(dict.fromkeys(events)))
     elif data["webhook_events_filter"]:
         raise InvalidInput("webhook_events_filter", "needs a webhook URL")
     model, default_size = await _resolve_model(gw, data["model"])

@@ -19,7 +19,7 @@ import pytest
 from tests.serving_support import (
     child_env,
     free_port,
-    redis_url,
+    redis_for_tests,
     require_redis,
     start_process,
     stop_process,
@@ -32,7 +32,7 @@ SECRET = "whsec_" + base64.b64encode(b"integration-test-secret-key-0123").decode
 
 COMMON = {
     "heartbeat_interval_s": 0.5,
-    "heartbeat_ttl_s": 2,
+    "heartbeat_ttl_s": 5,  # the machine is busy: a starved heartbeat thread must not look dead
     "reap_interval_s": 1,
     "max_width": 256,
     "max_height": 256,
@@ -67,7 +67,7 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def integration_redis() -> str:
-    url = redis_url(INTEGRATION_DB)
+    url = redis_for_tests(INTEGRATION_DB)
     require_redis(url)
     return url
 

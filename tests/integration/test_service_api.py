@@ -115,6 +115,14 @@ def test_idempotent_resubmission(service: Service) -> None:
         wait_done(c, first.json()["id"])
 
 
+def occupy_worker(c: httpx.Client) -> str:
+    """Keep the worker busy with a long job so that the next submissions queue up together."""
+    job_id = submit(c, {"prompt": "occupier", "steps": 50, "width": 128, "height": 128}).json()["id"]
+    wait_until(lambda: c.get(f"/v1/jobs/{job_id}").json()["status"] == "running", 60, "the occupier to run")
+    return job_id
+
+
+@pytest.mark.slow
 def test_concurrent_jobs_are_batched_and_batching_does_not_change_images(service: Service) -> None:
     ref_body = {"prompt": "a lighthouse at dusk", "seed": 777, "steps": 4, "guidance_scale": 5.0}
     with service.client() as c:
@@ -124,6 +132,7 @@ def test_concurrent_jobs_are_batched_and_batching_does_not_change_images(service
         reference = np.asarray(image_of(c, alone))
 
         bodies = [{"prompt": f"batch mate {i}", "seed": i, "steps": (2, 4, 5)[i % 3]} for i in range(7)] + [ref_body]
+        occupy_worker(c)
         with ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(lambda b: submit(c, b).json()["id"], bodies))
         jobs = [wait_done(c, i) for i in ids]
@@ -135,9 +144,11 @@ def test_concurrent_jobs_are_batched_and_batching_does_not_change_images(service
         np.testing.assert_array_equal(batched, reference)
 
 
+@pytest.mark.slow
 def test_cancel_running_job_keeps_batch_mates(service: Service) -> None:
     with service.client() as c:
         bodies = [{"prompt": f"long job {i}", "steps": 50, "seed": i} for i in range(3)]
+        occupy_worker(c)
         with ThreadPoolExecutor(3) as pool:
             ids = list(pool.map(lambda b: submit(c, b).json()["id"], bodies))
         victim = ids[1]

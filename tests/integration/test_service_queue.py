@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -83,3 +84,13 @@ def test_private_webhook_targets_are_refused(client: httpx.Client) -> None:
 def test_readyz_without_workers_is_503(aux: Service) -> None:
     r = httpx.get(f"{aux.url}/readyz")
     assert r.status_code == 503 and r.json()["workers"] == 0
+
+
+@pytest.mark.slow
+def test_prefer_wait_times_out_with_the_unfinished_job(client: httpx.Client) -> None:
+    """Longer than redis-py's default 5 s read timeout: the wait must end at N seconds, not in a 503."""
+    t0 = time.monotonic()
+    r = client.post("/v1/txt2img", json=BODY, headers={**A, "Prefer": "wait=7"})
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    assert 7 <= time.monotonic() - t0 < 15

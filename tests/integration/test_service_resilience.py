@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import COMMON, start_gateway, start_worker, wait_workers
+from tests.integration.conftest import COMMON, start_gateway, start_worker
 from tests.serving_support import child_env, free_port, stop_process, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -24,18 +23,18 @@ def _job(c: httpx.Client, job_id: str) -> dict:
 def test_killed_worker_loses_no_job_and_sigterm_finishes_the_batch(
     integration_redis: str, model_path: Path, tmp_path: Path
 ) -> None:
-    env = child_env(redis_url=integration_redis, redis_prefix="itkill", batch_window_ms=300, **COMMON)
+    env = child_env(redis_url=integration_redis, redis_prefix="itkill", batch_window_ms=300,
+                    default_model="random-untrained", **COMMON)
     url, gateway = start_gateway(tmp_path, env)
-    victim = start_worker(tmp_path, env, model_path, "victim")
-    rescuer = None
+    victim = rescuer = None
     try:
-        wait_workers(url, 1, procs=[victim])
         with httpx.Client(base_url=url, timeout=30) as c:
             body = {"width": 64, "height": 64, "steps": 50}
-            with ThreadPoolExecutor(3) as pool:
-                ids = list(pool.map(lambda i: c.post("/v1/txt2img", json={**body, "prompt": f"k{i}", "seed": i})
-                                    .json()["id"], range(3)))
-            wait_until(lambda: all(_job(c, i)["status"] == "running" for i in ids), 60, "the batch to run")
+            # queued before any worker exists, so the first worker takes all three as one batch
+            ids = [c.post("/v1/txt2img", json={**body, "prompt": f"k{i}", "seed": i}).json()["id"] for i in range(3)]
+            victim = start_worker(tmp_path, env, model_path, "victim")
+            wait_until(lambda: all(_job(c, i)["status"] == "running" for i in ids), 90, "the batch to run")
+            assert len({_job(c, i)["batch"]["id"] for i in ids}) == 1
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             rescuer = start_worker(tmp_path, env, model_path, "rescuer")

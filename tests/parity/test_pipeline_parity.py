@@ -73,11 +73,13 @@ def diffusers_pipeline(ckpt: Path):
     prefix = "cond_stage_model.transformer."
     text_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     text_state.pop("text_model.embeddings.position_ids", None)
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers >= 5 layout
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
     missing, unexpected = text.load_state_dict(text_state, strict=False)
     assert not unexpected and all("position_ids" in k for k in missing)
 
     tokenizer = transformers.CLIPTokenizer(
-        str(ckpt.parent / "tokenizer" / "vocab.json"), str(ckpt.parent / "tokenizer" / "merges.txt")
+        str(ckpt.parent / "tokenizer" / "vocab.json"), str(ckpt.parent / "tokenizer" / "merges.txt"), model_max_length=77
     )
     params = original["model"]["params"]
     scheduler = diffusers.DDIMScheduler(

@@ -159,3 +159,22 @@ def test_load_tokenizer_dispatch(clip_dir: Path, bert_dir: Path) -> None:
     assert isinstance(load_tokenizer(bert_dir, "bert", max_length=16), BertTokenizer)
     with pytest.raises(ConfigError):
         load_tokenizer(clip_dir, "t5")  # type: ignore[arg-type]
+
+
+def test_clip_tokenizer_reads_a_tokenizer_json_only_folder(tmp_path) -> None:
+    """transformers >= 5 saves just tokenizer.json; its BPE tables give the same ids."""
+    import json as _json
+
+    from ldm.tokenizers import CLIPTokenizer as _CLIP
+    from tests.tokenizer_files import write_clip_tokenizer as _write
+
+    src = _write(tmp_path / "files")
+    vocab = _json.loads((src / "vocab.json").read_text())
+    merges = [ln for ln in (src / "merges.txt").read_text().splitlines()[1:] if ln.strip()]
+    only = tmp_path / "json"
+    only.mkdir()
+    (only / "tokenizer.json").write_text(
+        _json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": [m.split() for m in merges]}})
+    )
+    prompts = ["a photo of a cat", "The  Moon, at NIGHT!", "unknownword 42"]
+    assert _CLIP.from_dir(only)(prompts).tolist() == _CLIP.from_dir(src)(prompts).tolist()

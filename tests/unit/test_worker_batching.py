@@ -21,3 +21,62 @@ def test_rows_are_capped_and_jobs_never_split() -> None:
 
 def test_no_room_means_no_jobs() -> None:
     assert select_compatible("m|64x64", 0, [c("a")]) == []
+
+
+class _FakeRedis:
+    """Just enough of a Redis client for BatchCollector.gather."""
+
+    def __init__(self, arrivals: dict[float, list[str]], clock: list[float]) -> None:
+        self.queue: list[str] = []
+        self.arrivals = arrivals
+        self.clock = clock
+
+    def _arrive(self) -> None:
+        for t in [t for t in self.arrivals if t <= self.clock[0]]:
+            self.queue += self.arrivals.pop(t)
+
+    def pipeline(self, transaction: bool = False) -> _FakeRedis:
+        self._ops: list = []
+        return self
+
+    def lrange(self, key: str, start: int, end: int) -> None:
+        self._arrive()
+        self._ops.append([j.encode() for j in self.queue])
+
+    def hmget(self, key: str, fields: list[str]) -> None:
+        self._ops.append([b"m|64x64", b"1"])
+
+    def execute(self) -> list:
+        return self._ops
+
+    def lrem(self, key: str, count: int, job_id: str) -> int:
+        if job_id in self.queue:
+            self.queue.remove(job_id)
+            return 1
+        return 0
+
+
+def _collector(arrivals: dict[float, list[str]]):
+    from ldm_serve.contract import Keys, Priority
+    from worker.batching import BatchCollector
+
+    now = [0.0]
+
+    def sleep(dt: float) -> None:
+        now[0] += dt
+
+    fake = _FakeRedis(arrivals, now)
+    keys = {p: f"q-{p.value}" for p in Priority}
+    return BatchCollector(fake, Keys("t"), keys, clock=lambda: now[0], sleep=sleep)  # type: ignore[arg-type]
+
+
+def test_window_collects_late_arrivals_when_lingering() -> None:
+    c = _collector({0.0: ["a"], 0.02: ["b", "c"], 0.5: ["late"]})
+    assert c.gather("m|64x64", 8, window_s=0.1) == ["a", "b", "c"]
+
+
+def test_lone_job_does_not_wait_without_linger() -> None:
+    c = _collector({0.02: ["b"]})
+    assert c.gather("m|64x64", 8, window_s=0.1, linger=False) == []
+    c = _collector({0.0: ["a"], 0.02: ["b"]})  # company found at once: the window is used
+    assert c.gather("m|64x64", 8, window_s=0.1, linger=False) == ["a", "b"]

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, Priority, new_job_id
 from ldm_serve.jobstore import JobStore, connect
 from ldm_serve.settings import Settings
-from tests.serving_support import FakePipeline, FakeRow, redis_url, require_redis
+from tests.serving_support import FakePipeline, FakeRow, redis_for_tests, require_redis
 from worker.main import Worker
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def settings() -> Settings:
-    url = redis_url()
+    url = redis_for_tests()
     require_redis(url)
     return Settings(
         redis_url=url, redis_prefix="wt", batch_window_ms=0, max_batch_rows=8, warmup=False,
