@@ -37,7 +37,7 @@ from ldm_serve.contract import (
     WorkerInfo,
     queue_name,
 )
-from ldm_serve.errors import JobNotFound, QueueFull, QueueUnavailable
+from ldm_serve.errors import InvalidInput, JobNotFound, QueueFull, QueueUnavailable
 from ldm_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,12 +147,21 @@ class JobStore:
         return {q.name: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
 
     @translate_redis_errors
-    def find_idempotent(self, owner: str | None, key: str) -> str | None:
-        return _s(self.redis.get(self.keys.idempotency(owner, key)))
+    def find_idempotent(self, owner: str | None, key: str) -> tuple[str, str] | None:
+        """``(job_id, request_fingerprint)`` recorded under an Idempotency-Key, if any."""
+        return _split_idempotent(_s(self.redis.get(self.keys.idempotency(owner, key))))
 
     @translate_redis_errors
-    def submit(self, payload: GenerationPayload, idempotency_key: str | None = None) -> tuple[str, bool]:
+    def submit(
+        self, payload: GenerationPayload, idempotency_key: str | None = None, fingerprint: str = ""
+    ) -> tuple[str, bool]:
         """Record and enqueue a job.
+
+        Args:
+            payload: the job.
+            idempotency_key: the client's Idempotency-Key, if any.
+            fingerprint: a digest of the request body, recorded with the key so that a
+                reuse of the key with another body can be refused.
 
         Returns:
             ``(job_id, created)``; ``created`` is False when ``idempotency_key`` was
@@ -160,15 +169,17 @@ class JobStore:
 
         Raises:
             QueueFull: the queues hold ``max_queue_depth`` jobs already.
+            InvalidInput: the key was already used with a different request body.
         """
         s = self.settings
         idem_key = self.keys.idempotency(payload.owner, idempotency_key) if idempotency_key else None
         if idem_key is not None:
             ttl = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-            if not self.redis.set(idem_key, payload.job_id, nx=True, ex=ttl):
-                existing = _s(self.redis.get(idem_key))
+            if not self.redis.set(idem_key, f"{payload.job_id} {fingerprint}", nx=True, ex=ttl):
+                existing = _split_idempotent(_s(self.redis.get(idem_key)))
                 if existing is not None:
-                    return existing, False
+                    check_idempotent_reuse(existing, fingerprint)
+                    return existing[0], False
         depth = sum(self.queue_depth([payload.model]).values())
         if depth >= s.max_queue_depth:
             if idem_key is not None:
@@ -351,6 +362,7 @@ class JobStore:
         """
         rec = self.redis.hmget(self.keys.job(job_id), ["status", "attempts"])
         if _s(rec[0]) != JobStatus.QUEUED.value:
+            self.redis.srem(self.keys.worker_jobs(worker), job_id)  # canceled / expired after the pop
             return False
         self.redis.sadd(self.keys.worker_jobs(worker), job_id)
         fields: dict[str, Any] = {
@@ -450,6 +462,14 @@ class JobStore:
             rec = self.get(job_id)
         except JobNotFound:
             return
+        if rec["status"] == JobStatus.QUEUED.value:
+            # taken out of its queue by ``worker`` (atomically with joining its running
+            # set) but never claimed: put it back at the front unless it is there already
+            queue = self.queue(rec["model"], rec["priority"])
+            if self.redis.lpos(queue.key, job_id) is None:
+                queue.push_job_id(job_id, at_front=True)
+                log.warning("job %s was taken by %s but never started; re-queued", job_id, worker)
+            return
         if rec["status"] != JobStatus.RUNNING.value or rec.get("worker") != worker:
             return
         attempts = int(rec.get("attempts", "0"))
@@ -476,6 +496,23 @@ class JobStore:
                 },
                 event={"error": {"type": "worker_lost", "message": reason}},
             )
+
+
+def _split_idempotent(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    job_id, _, fingerprint = value.partition(" ")
+    return job_id, fingerprint
+
+
+def check_idempotent_reuse(existing: tuple[str, str], fingerprint: str) -> None:
+    """Refuse an Idempotency-Key reused with a different request body (IETF
+    draft-ietf-httpapi-idempotency-key-header: 422)."""
+    if existing[1] and fingerprint and existing[1] != fingerprint:
+        raise InvalidInput(
+            "Idempotency-Key",
+            f"was already used for job {existing[0]} with a different request body; use a new key",
+        )
 
 
 def terminal(status: str) -> bool:

@@ -74,6 +74,17 @@ def _default_model() -> Path:
     return random_model_path()
 
 
+def _die_with_parent() -> None:
+    """Child pre-exec hook (Linux): get SIGTERM if ``up`` itself dies without cleaning up."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _wait_ready(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -132,10 +143,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
         env["LDM_REDIS_URL"] = redis_url
         child = [sys.executable, "-m", "ldm_serve.serving_cli"]
         # Own sessions: Ctrl-C reaches only this process, which stops the children in order.
-        worker = subprocess.Popen([*child, "worker", "--model", str(model)], env=env, start_new_session=True)
-        gateway = subprocess.Popen(
-            [*child, "gateway", "--host", args.host, "--port", str(args.port)], env=env, start_new_session=True
-        )
+        spawn = {"env": env, "start_new_session": True}
+        if sys.platform.startswith("linux"):
+            spawn["preexec_fn"] = _die_with_parent
+        worker = subprocess.Popen([*child, "worker", "--model", str(model)], **spawn)
+        gateway = subprocess.Popen([*child, "gateway", "--host", args.host, "--port", str(args.port)], **spawn)
         url = f"http://{args.host}:{args.port}"
         if not _wait_ready(url, [worker, gateway], args.ready_timeout):
             print("error: the service did not become ready (see the logs above)", file=sys.stderr)

@@ -6,7 +6,12 @@ pixel size) until the batch holds ``max_batch_rows`` rows. Prompts, seeds, step
 counts and guidance may differ: the pipeline runs them as per-row parameters.
 
 The selection rule is the pure function :func:`select_compatible`; the Redis part
-claims candidates with ``LREM`` so two workers can never take the same job.
+takes candidates with ``LREM`` so two workers can never take the same job.
+
+Every pop and take is one Lua script that also adds the job to the worker's
+running set (``Keys.worker_jobs``) in the same atomic step. A worker that dies
+between taking a job and claiming it therefore still leaves the job where
+dead-worker recovery looks (``JobStore.recover_jobs_of``), never in limbo.
 """
 
 from __future__ import annotations
@@ -18,6 +23,28 @@ from dataclasses import dataclass
 import redis
 
 from ldm_serve.contract import PRIORITY_ORDER, Keys, Priority
+
+# KEYS = queue lists (highest priority first) + the worker's running set (last)
+_POP_TO_WORKER = """
+for i = 1, #KEYS - 1 do
+  local id = redis.call('LPOP', KEYS[i])
+  if id then
+    redis.call('SADD', KEYS[#KEYS], id)
+    return id
+  end
+end
+return false
+"""
+# same KEYS; ARGV[1] = the job id to take out of whichever queue holds it
+_TAKE_TO_WORKER = """
+for i = 1, #KEYS - 1 do
+  if redis.call('LREM', KEYS[i], 1, ARGV[1]) > 0 then
+    redis.call('SADD', KEYS[#KEYS], ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -50,7 +77,9 @@ class BatchCollector:
         connection: Redis client.
         keys: key names.
         queue_keys: RQ list keys by priority.
+        worker: the worker's name; taken jobs join its running set atomically.
         scan_limit: how many queued ids per queue are inspected per pass.
+        poll_s: idle polling interval of :meth:`pop_next` (Lua cannot block).
     """
 
     def __init__(
@@ -58,23 +87,36 @@ class BatchCollector:
         connection: redis.Redis,
         keys: Keys,
         queue_keys: dict[Priority, str],
+        worker: str,
         scan_limit: int = 64,
+        poll_s: float = 0.01,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.redis = connection
         self.keys = keys
         self.queue_keys = [queue_keys[p] for p in PRIORITY_ORDER]
+        self.worker_set = keys.worker_jobs(worker)
         self.scan_limit = scan_limit
+        self.poll_s = poll_s
+        self._pop = connection.register_script(_POP_TO_WORKER)
+        self._take_script = connection.register_script(_TAKE_TO_WORKER)
         self.clock = clock
         self.sleep = sleep
 
     def pop_next(self, timeout_s: int) -> str | None:
-        """Block up to ``timeout_s`` for the next job id, highest priority first."""
-        got = self.redis.blpop(self.queue_keys, timeout=timeout_s)
-        if got is None:
-            return None
-        return got[1].decode()
+        """Wait up to ``timeout_s`` for the next job id, highest priority first.
+
+        The id is in the worker's running set when this returns.
+        """
+        deadline = self.clock() + timeout_s
+        while True:
+            got = self._pop(keys=[*self.queue_keys, self.worker_set])
+            if got is not None:
+                return got.decode() if isinstance(got, bytes) else str(got)
+            if self.clock() >= deadline:
+                return None
+            self.sleep(self.poll_s)
 
     def gather(self, key: str, rows_left: int, window_s: float, linger: bool = True) -> list[str]:
         """Take compatible queued jobs for up to ``window_s`` seconds or until the rows are full.
@@ -113,7 +155,4 @@ class BatchCollector:
         return select_compatible(key, rows_left, candidates)
 
     def _take(self, job_id: str) -> bool:
-        for qk in self.queue_keys:
-            if self.redis.lrem(qk, 1, job_id):
-                return True
-        return False
+        return bool(self._take_script(keys=[*self.queue_keys, self.worker_set], args=[job_id]))

@@ -89,7 +89,9 @@ class Worker:
             pipeline, self.store, RedisResultStore(self.store.redis, self.store.keys), settings, self.metrics,
             self.webhooks, self.name, row_factory,
         )
-        self.collector = BatchCollector(self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name))
+        self.collector = BatchCollector(
+            self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name), self.name
+        )
         self._stop = threading.Event()
         self._last_reap = 0.0
         self._last_batch_jobs = 1
@@ -184,6 +186,7 @@ class Worker:
             rec = self.store.get(first)
         except Exception:  # noqa: BLE001 - a popped id without a record is dropped
             log.warning("popped job %s has no record; dropped", first)
+            self.store.release(self.name, first)
             return
         rows_left = self.settings.max_batch_rows - int(rec.get("rows", 1))
         # Wait for batch-mates when the last batch had company (load) or some are already queued.

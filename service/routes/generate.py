@@ -7,6 +7,7 @@ inputs, enqueue one job and answer ``202`` with the job (or, with
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
@@ -26,6 +27,7 @@ from ldm_serve.contract import (
     new_job_id,
 )
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
+from ldm_serve.jobstore import check_idempotent_reuse
 from service.deps import Gateway, GatewayDep, OwnerDep
 from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
 from service.routes.jobs import public_job
@@ -72,6 +74,15 @@ async def _resolve_model(gw: Gateway, requested: str | None) -> tuple[str, int]:
     return model, (info.default_size if info and info.default_size else DEFAULT_SIZE)
 
 
+def request_fingerprint(kind: JobKind, req: BaseModel, inputs: tuple[bytes, bytes, int, int] | None) -> str:
+    """A digest of everything the client sent, for Idempotency-Key reuse checks."""
+    h = hashlib.sha256(kind.value.encode())
+    h.update(req.model_dump_json().encode())
+    if inputs is not None:
+        h.update(hashlib.sha256(inputs[0]).digest() + hashlib.sha256(inputs[1]).digest())
+    return h.hexdigest()[:32]
+
+
 async def _submit(
     gw: Gateway,
     req: BaseModel,
@@ -83,12 +94,14 @@ async def _submit(
 ) -> JSONResponse:
     s = gw.settings
     wait_s = parse_prefer_wait(prefer, s.max_wait_s)
+    fingerprint = request_fingerprint(kind, req, inputs)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
             raise InvalidInput("Idempotency-Key", f"must be 1..{IDEMPOTENCY_KEY_MAX} characters")
         existing = await gw.call(gw.store.find_idempotent, owner, idempotency_key)
         if existing is not None:
-            return await _respond(gw, existing, wait_s, replayed=True)
+            check_idempotent_reuse(existing, fingerprint)
+            return await _respond(gw, existing[0], wait_s, replayed=True)
     data: dict[str, Any] = req.model_dump()
     webhook = None
     if data["webhook"]:
@@ -132,7 +145,7 @@ async def _submit(
         await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
         await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
     try:
-        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key)
+        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint)
     except QueueFull:
         gw.metrics.jobs_rejected.labels("queue_full").inc()
         raise

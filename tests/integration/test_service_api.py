@@ -111,6 +111,9 @@ def test_idempotent_resubmission(service: Service) -> None:
         other = submit(c, {"prompt": "once"}, headers={"Idempotency-Key": "abc-124"})
         assert first.json()["id"] == again.json()["id"] != other.json()["id"]
         assert again.headers["idempotent-replayed"] == "true"
+        # the same key with another body is refused, naming the header
+        clash = submit(c, {"prompt": "something else"}, headers={"Idempotency-Key": "abc-123"})
+        assert clash.status_code == 422 and clash.json()["error"]["field"] == "Idempotency-Key"
         wait_done(c, other.json()["id"])
         wait_done(c, first.json()["id"])
 

@@ -49,6 +49,14 @@ class _FakeRedis:
     def execute(self) -> list:
         return self._ops
 
+    def register_script(self, script: str):
+        """Emulates the collector's take script: LREM from a queue + SADD to the running set."""
+
+        def run(keys: list[str], args: list[str]) -> int:
+            return self.lrem(keys[0], 1, args[0])
+
+        return run
+
     def lrem(self, key: str, count: int, job_id: str) -> int:
         if job_id in self.queue:
             self.queue.remove(job_id)
@@ -67,7 +75,7 @@ def _collector(arrivals: dict[float, list[str]]):
 
     fake = _FakeRedis(arrivals, now)
     keys = {p: f"q-{p.value}" for p in Priority}
-    return BatchCollector(fake, Keys("t"), keys, clock=lambda: now[0], sleep=sleep)  # type: ignore[arg-type]
+    return BatchCollector(fake, Keys("t"), keys, "w", clock=lambda: now[0], sleep=sleep)  # type: ignore[arg-type]
 
 
 def test_window_collects_late_arrivals_when_lingering() -> None:

@@ -169,3 +169,35 @@ def test_stale_queued_job_expires(settings: Settings) -> None:
     worker.store.redis.hset(worker.store.keys.job(job), "created_at", repr(time.time() - 5))
     assert worker.store.expire_if_stale(job, worker.store.get(job))
     assert status(worker.store, job) == "expired"
+
+
+def test_job_taken_but_never_claimed_is_recovered(settings: Settings) -> None:
+    """A worker that dies right after popping a job (before claiming it) loses nothing:
+    the pop put the job into the worker's running set in the same atomic step."""
+    worker = make_worker(settings)
+    store = worker.store
+    first, second = submit(store, "first"), submit(store, "second")
+    assert worker.collector.pop_next(timeout_s=1) == first
+    assert worker.collector.gather(store.get(first)["bkey"], 7, window_s=0.0) == [second]
+    assert sum(store.queue_depth(["fake"]).values()) == 0
+    members = {m.decode() for m in store.redis.smembers(store.keys.worker_jobs(worker.name))}
+    assert members == {first, second}
+    # the worker "dies" here, before claiming either job
+    assert set(store.recover_jobs_of(worker.name)) == {first, second}
+    assert status(store, first) == status(store, second) == "queued"
+    assert sum(store.queue_depth(["fake"]).values()) == 2
+    # and a healthy worker then runs both
+    drain(make_worker(settings))
+    assert status(store, first) == status(store, second) == "succeeded"
+
+
+def test_job_canceled_between_pop_and_claim_is_canceled_not_run(settings: Settings) -> None:
+    pipe = FakePipeline()
+    worker = make_worker(settings, pipe)
+    store = worker.store
+    job = submit(store, "soon canceled")
+    assert worker.collector.pop_next(timeout_s=1) == job
+    store.cancel(job)  # queued but in no queue: the flag is left for the worker
+    worker.runner.run([job])
+    assert status(store, job) == "canceled" and pipe.calls == []
+    assert not store.redis.sismember(store.keys.worker_jobs(worker.name), job)
