@@ -255,7 +255,7 @@ def main() -> int:
     print(text)
     if args.out:
         with args.out.open("a") as f:
-            f.write("\n## Run\n\n" + text + "\n")
+            f.write("\n### Run\n\n" + text + "\n")
     return 0
 
 

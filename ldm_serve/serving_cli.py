@@ -126,7 +126,15 @@ def _stop(proc: subprocess.Popen[bytes] | None, name: str, timeout_s: float) -> 
         proc.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
+    # Ctrl-C, and SIGTERM from a process manager, both stop the children in order;
+    # set explicitly, since a shell starting us in the background ignores SIGINT.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     env = dict(os.environ)
     redis_url = env.get("LDM_REDIS_URL") or env.get("REDIS_URL")
     embedded = None
