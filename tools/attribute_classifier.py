@@ -49,9 +49,17 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """
     b = x.shape[0]
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = (torch.rand(b, 1, 1, 1, generator=generator) < 0.3) * torch.rand(b, 1, 1, 1, generator=generator) * 0.6
+    mix = (
+        (torch.rand(b, 1, 1, 1, generator=generator) < 0.3)
+        * torch.rand(b, 1, 1, 1, generator=generator)
+        * 0.6
+    )
     x = x + mix * (blur - x)
-    noisy = (torch.rand(b, 1, 1, 1, generator=generator) < 0.5) * torch.rand(b, 1, 1, 1, generator=generator) * 0.08
+    noisy = (
+        (torch.rand(b, 1, 1, 1, generator=generator) < 0.5)
+        * torch.rand(b, 1, 1, 1, generator=generator)
+        * 0.08
+    )
     x = x + noisy * torch.randn(x.shape, generator=generator)
     return x.clamp(-1.0, 1.0)
 
@@ -63,7 +71,9 @@ def loss_fn(logits: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tens
     loss = loss + F.cross_entropy(parts["layout"], labels["layout"])
     for name in ("shape", "colour", "size"):
         classes = parts[name].shape[-1]
-        loss = loss + F.cross_entropy(parts[name].reshape(-1, classes), labels[name].reshape(-1), ignore_index=IGNORE)
+        loss = loss + F.cross_entropy(
+            parts[name].reshape(-1, classes), labels[name].reshape(-1), ignore_index=IGNORE
+        )
     return loss
 
 
@@ -121,8 +131,12 @@ def print_report(report: dict[str, float]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: shared machine)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from scratch and save the weights")
     t.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS)

@@ -23,6 +23,7 @@ from ldm.data.shapes import (
     render,
     sample_scene,
     sample_spec,
+    scene_matches,
     scene_rng,
     write_vocab,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "render",
     "sample_scene",
     "sample_spec",
+    "scene_matches",
     "scene_rng",
     "write_vocab",
 ]

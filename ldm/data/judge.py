@@ -107,7 +107,9 @@ class JudgeConfig:
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class SceneJudge(nn.Module):
@@ -148,7 +150,9 @@ def split_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     start = 0
     for name, n in _HEADS:
         part = logits[:, start : start + n]
-        out[name] = part if name in ("background", "layout") else part.reshape(logits.shape[0], _NUM_CELLS, -1)
+        out[name] = (
+            part if name in ("background", "layout") else part.reshape(logits.shape[0], _NUM_CELLS, -1)
+        )
         start += n
     return out
 
@@ -160,7 +164,10 @@ def encode_labels(specs: Sequence[SceneSpec]) -> dict[str, torch.Tensor]:
     labels = {
         "background": torch.empty(n, dtype=torch.long),
         "layout": torch.empty(n, dtype=torch.long),
-        **{name: torch.full((n, _NUM_CELLS), IGNORE, dtype=torch.long) for name in ("shape", "colour", "size")},
+        **{
+            name: torch.full((n, _NUM_CELLS), IGNORE, dtype=torch.long)
+            for name in ("shape", "colour", "size")
+        },
     }
     for row, spec in enumerate(specs):
         labels["background"][row] = BACKGROUNDS.index(spec.background)
@@ -217,12 +224,16 @@ def images_to_tensor(images: ImageInput | Sequence[Image.Image | np.ndarray]) ->
             raise InvalidInput("images", "no images given")
         batch = np.stack(arrays)
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
-            raise InvalidInput("images", f"expected uint8 RGB images [H, W, 3], got {batch.dtype} {batch.shape}")
+            raise InvalidInput(
+                "images", f"expected uint8 RGB images [H, W, 3], got {batch.dtype} {batch.shape}"
+            )
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if x.ndim != 4 or x.shape[1] != 3:
         raise InvalidInput("images", f"expected a [B, 3, H, W] tensor, got shape {tuple(x.shape)}")
     if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
+        )
     return x.contiguous()
 
 
@@ -260,7 +271,9 @@ def load_judge(path: str | Path | None = None) -> SceneJudge:
 def _load_judge_cached(path: str) -> SceneJudge:
     file = Path(path)
     if not file.is_file():
-        raise CheckpointError(f"judge weights {file} not found (train them with tools/attribute_classifier.py)")
+        raise CheckpointError(
+            f"judge weights {file} not found (train them with tools/attribute_classifier.py)"
+        )
     metadata = _read_metadata(file)
     try:
         classes = json.loads(metadata["classes"])
@@ -269,7 +282,9 @@ def _load_judge_cached(path: str) -> SceneJudge:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"judge weights {file} lack a readable config / class list: {exc}") from exc
     if classes != _CLASSES:
-        raise ConfigError(f"judge weights {file} were trained for classes {classes}, this code has {_CLASSES}")
+        raise ConfigError(
+            f"judge weights {file} were trained for classes {classes}, this code has {_CLASSES}"
+        )
     model = SceneJudge(config)
     state = load_file(str(file))
     expected = model.state_dict()
@@ -282,7 +297,10 @@ def _load_judge_cached(path: str) -> SceneJudge:
     ]
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"judge weights {file} do not fit the judge", missing=missing, unexpected=unexpected, mismatched=mismatched
+            f"judge weights {file} do not fit the judge",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.eval()
@@ -290,7 +308,9 @@ def _load_judge_cached(path: str) -> SceneJudge:
 
 @torch.no_grad()
 def judge_scenes(
-    images: ImageInput | Sequence[Image.Image | np.ndarray], judge: SceneJudge | None = None, batch_size: int = 256
+    images: ImageInput | Sequence[Image.Image | np.ndarray],
+    judge: SceneJudge | None = None,
+    batch_size: int = 256,
 ) -> list[SceneSpec]:
     """What the judge sees in each image (see :func:`images_to_tensor` for accepted inputs)."""
     model = judge or load_judge()
@@ -306,7 +326,9 @@ def judge_scene(image: ImageInput, judge: SceneJudge | None = None) -> SceneSpec
 
 @torch.no_grad()
 def judge_features(
-    images: ImageInput | Sequence[Image.Image | np.ndarray], judge: SceneJudge | None = None, batch_size: int = 256
+    images: ImageInput | Sequence[Image.Image | np.ndarray],
+    judge: SceneJudge | None = None,
+    batch_size: int = 256,
 ) -> np.ndarray:
     """Penultimate-layer features ``[B, F]`` (float64) for :func:`frechet_distance`."""
     model = judge or load_judge()
@@ -326,7 +348,9 @@ def frechet_distance_from_stats(
     mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
     cov_a, cov_b = np.atleast_2d(np.asarray(cov_a, np.float64)), np.atleast_2d(np.asarray(cov_b, np.float64))
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or cov_a.shape != (mu_a.size, mu_a.size):
-        raise InvalidInput("stats", f"shapes differ: {mu_a.shape}, {cov_a.shape} vs {mu_b.shape}, {cov_b.shape}")
+        raise InvalidInput(
+            "stats", f"shapes differ: {mu_a.shape}, {cov_a.shape} vs {mu_b.shape}, {cov_b.shape}"
+        )
     eigvals, eigvecs = np.linalg.eigh((cov_a + cov_a.T) / 2)
     sqrt_a = (eigvecs * np.sqrt(np.clip(eigvals, 0.0, None))) @ eigvecs.T
     middle = sqrt_a @ cov_b @ sqrt_a
@@ -349,9 +373,7 @@ def scene_batch(seed: int, start: int, count: int) -> tuple[np.ndarray, list[Sce
     return np.stack([np.asarray(s.image) for s in scenes]), [s.spec for s in scenes]
 
 
-def accuracy_report(
-    specs: Sequence[SceneSpec], judged: Sequence[SceneSpec]
-) -> dict[str, float]:
+def accuracy_report(specs: Sequence[SceneSpec], judged: Sequence[SceneSpec]) -> dict[str, float]:
     """Fraction of scenes on which each :func:`scene_matches` criterion holds, plus counts.
 
     Also splits ``objects`` by object count (``objects_1``, ``objects_2``).

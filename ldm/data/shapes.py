@@ -299,7 +299,9 @@ def sample_spec(rng: np.random.Generator, *, num_objects: int | None = None) -> 
     return SceneSpec((first, second), background, relation)
 
 
-def _jitter_rgb(rgb: tuple[int, int, int], amount: int, rng: np.random.Generator | None) -> tuple[int, int, int]:
+def _jitter_rgb(
+    rgb: tuple[int, int, int], amount: int, rng: np.random.Generator | None
+) -> tuple[int, int, int]:
     if rng is None:
         return rgb
     offsets = rng.integers(-amount, amount + 1, size=3)
@@ -375,7 +377,12 @@ def render_placements(background_rgb: tuple[int, int, int], placements: Sequence
     draw = ImageDraw.Draw(canvas)
     for p in placements:
         if p.shape == "circle":
-            box = ((p.cx - p.radius) * scale, (p.cy - p.radius) * scale, (p.cx + p.radius) * scale, (p.cy + p.radius) * scale)
+            box = (
+                (p.cx - p.radius) * scale,
+                (p.cy - p.radius) * scale,
+                (p.cx + p.radius) * scale,
+                (p.cy + p.radius) * scale,
+            )
             draw.ellipse(box, fill=p.rgb)
         else:
             draw.polygon(_polygon(p, scale), fill=p.rgb)
@@ -456,7 +463,9 @@ class _Tokens:
         best: tuple[int, str] | None = None
         for key, phrase in phrases.items():
             words = phrase.split()
-            if self.words[self.pos : self.pos + len(words)] == words and (best is None or len(words) > best[0]):
+            if self.words[self.pos : self.pos + len(words)] == words and (
+                best is None or len(words) > best[0]
+            ):
                 best = (len(words), key)
         if best is None:
             return None
@@ -490,7 +499,10 @@ def parse_caption(text: str) -> SceneSpec:
     if relation is not None:
         first_cell, second_cell = _RELATION_CELLS[relation]
         size2, colour2, shape2 = object_head()
-        objects = (ObjectSpec(shape, colour, size, first_cell), ObjectSpec(shape2, colour2, size2, second_cell))
+        objects = (
+            ObjectSpec(shape, colour, size, first_cell),
+            ObjectSpec(shape2, colour2, size2, second_cell),
+        )
     else:
         position = tokens.take_phrase(_POSITION_PHRASES, "a position or relation")
         if position is None:
@@ -524,7 +536,9 @@ def scene_matches(prompt: SceneSpec, judged: SceneSpec) -> dict[str, bool]:
     want, got = prompt.cells(), judged.cells()
 
     def attribute_right(name: str) -> bool:
-        return all(cell in got and getattr(got[cell], name) == getattr(obj, name) for cell, obj in want.items())
+        return all(
+            cell in got and getattr(got[cell], name) == getattr(obj, name) for cell, obj in want.items()
+        )
 
     position = set(want) == set(got)
     shape, colour, size = (attribute_right(name) for name in ("shape", "colour", "size"))

@@ -62,7 +62,9 @@ def test_shipped_judge_reads_held_out_scenes(judge: SceneJudge, held_out: tuple[
         assert report[key] >= 0.98, (key, report)
 
 
-def test_judge_accepts_pil_arrays_tensors_and_other_sizes(judge: SceneJudge, held_out: tuple[np.ndarray, list]) -> None:
+def test_judge_accepts_pil_arrays_tensors_and_other_sizes(
+    judge: SceneJudge, held_out: tuple[np.ndarray, list]
+) -> None:
     images, _ = held_out
     images = images[:16]
     from_arrays = judge_scenes(images, judge)
@@ -115,7 +117,9 @@ def test_load_rejects_missing_foreign_and_misfit_files(tmp_path: Path) -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     config = json.dumps({"widths": [4, 4, 8], "reduce_channels": 2, "features": 8})
     other_classes = json.dumps({"shape": ["circle"]})
-    save_file(state, str(tmp_path / "foreign.safetensors"), metadata={"config": config, "classes": other_classes})
+    save_file(
+        state, str(tmp_path / "foreign.safetensors"), metadata={"config": config, "classes": other_classes}
+    )
     with pytest.raises(ConfigError):
         load_judge(tmp_path / "foreign.safetensors")
     good = save_judge(model, tmp_path / "good.safetensors")
@@ -161,9 +165,11 @@ def test_frechet_distance_from_samples() -> None:
         frechet_distance(a, b[:, :2])
 
 
-def test_judge_features_separate_real_from_corrupted_scenes(judge: SceneJudge, held_out: tuple[np.ndarray, list]) -> None:
-    images, _ = held_out
-    real_a, real_b = judge_features(images[:100], judge), judge_features(images[100:], judge)
-    assert real_a.shape == (100, judge.config.features)
-    blurred = [Image.fromarray(im).resize((16, 16), Image.Resampling.BOX).resize((64, 64)) for im in images[100:]]
-    assert frechet_distance(real_a, real_b) < 0.5 * frechet_distance(real_a, judge_features(blurred, judge))
+def test_judge_features_separate_real_from_corrupted_scenes(judge: SceneJudge) -> None:
+    # FD's small-sample bias grows like F^2 / N: 500 scenes per set keep it below the signal
+    real_a = judge_features(scene_batch(TEST_SEED, NUM_SCENES, 500)[0], judge)
+    images_b = scene_batch(TEST_SEED + 1, 0, 500)[0]
+    real_b = judge_features(images_b, judge)
+    assert real_a.shape == (500, judge.config.features)
+    blurred = [Image.fromarray(im).resize((16, 16), Image.Resampling.BOX).resize((64, 64)) for im in images_b]
+    assert frechet_distance(real_a, real_b) < 0.6 * frechet_distance(real_a, judge_features(blurred, judge))

@@ -112,7 +112,12 @@ def test_objects_are_drawn_where_the_label_says(scenes: list) -> None:
         if len(scene.objects) == 2:
             a, b = scene.placements
             assert math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.radius + b.radius
-            relation_holds = {"left of": a.cx < b.cx, "right of": a.cx > b.cx, "above": a.cy < b.cy, "below": a.cy > b.cy}
+            relation_holds = {
+                "left of": a.cx < b.cx,
+                "right of": a.cx > b.cx,
+                "above": a.cy < b.cy,
+                "below": a.cy > b.cy,
+            }
             assert relation_holds[scene.relation]
 
 
@@ -127,7 +132,12 @@ def test_object_pixels_stay_inside_the_object_box(scenes: list) -> None:
 
 
 def test_big_objects_are_bigger_than_small_ones(scenes: list) -> None:
-    radii = {size: [p.radius for s in scenes for o, p in zip(s.objects, s.placements, strict=True) if o.size == size] for size in SIZES}
+    radii = {
+        size: [
+            p.radius for s in scenes for o, p in zip(s.objects, s.placements, strict=True) if o.size == size
+        ]
+        for size in SIZES
+    }
     assert max(radii["small"]) * 1.3 < min(radii["big"])
 
 
@@ -148,7 +158,11 @@ def test_edges_are_anti_aliased() -> None:
 
 
 def test_canonical_render_is_deterministic_and_jitter_varies_it() -> None:
-    spec = SceneSpec((ObjectSpec("star", "red", "small", "left"), ObjectSpec("circle", "green", "big", "right")), "gray", "left of")
+    spec = SceneSpec(
+        (ObjectSpec("star", "red", "small", "left"), ObjectSpec("circle", "green", "big", "right")),
+        "gray",
+        "left of",
+    )
     assert np.array_equal(np.asarray(render(spec)), np.asarray(render(spec)))
     jittered = [np.asarray(render(spec, np.random.default_rng(i))) for i in range(3)]
     assert not np.array_equal(jittered[0], jittered[1]) and not np.array_equal(jittered[1], jittered[2])
@@ -160,7 +174,11 @@ def test_scene_caption_is_the_caption_of_its_label(scenes: list) -> None:
 
 
 def test_caption_examples() -> None:
-    two = SceneSpec((ObjectSpec("circle", "red", "small", "left"), ObjectSpec("square", "blue", "big", "right")), "white", "left of")
+    two = SceneSpec(
+        (ObjectSpec("circle", "red", "small", "left"), ObjectSpec("square", "blue", "big", "right")),
+        "white",
+        "left of",
+    )
     assert caption(two) == "a small red circle on the left of a big blue square, on a white background"
     one = SceneSpec((ObjectSpec("star", "yellow", "big", "top"),), "black")
     assert caption(one) == "a big yellow star at the top, on a black background"
@@ -203,7 +221,11 @@ def test_parse_rejects_text_outside_the_grammar(text: str) -> None:
 
 def test_spec_rejects_positions_that_contradict_the_relation() -> None:
     with pytest.raises(InvalidInput):
-        SceneSpec((ObjectSpec("circle", "red", "small", "top"), ObjectSpec("star", "blue", "small", "bottom")), "white", "left of")
+        SceneSpec(
+            (ObjectSpec("circle", "red", "small", "top"), ObjectSpec("star", "blue", "small", "bottom")),
+            "white",
+            "left of",
+        )
     with pytest.raises(InvalidInput):
         SceneSpec((ObjectSpec("circle", "red", "small", "top"),), "white", "above")
     with pytest.raises(InvalidInput):
@@ -239,7 +261,9 @@ def test_scene_matches_compares_cell_by_cell() -> None:
     blue_right = ObjectSpec("square", "blue", "big", "right")
     prompt = SceneSpec((red_left, blue_right), "white", "left of")
     same_scene_other_order = SceneSpec(
-        (ObjectSpec("square", "blue", "big", "left"), ObjectSpec("circle", "red", "small", "right")), "white", "left of"
+        (ObjectSpec("square", "blue", "big", "left"), ObjectSpec("circle", "red", "small", "right")),
+        "white",
+        "left of",
     )
     mirrored = parse_caption("a big blue square on the right of a small red circle, on a white background")
     assert all(scene_matches(prompt, mirrored).values())
