@@ -1,0 +1,145 @@
+"""First stage: train the KL autoencoder on procedural scenes.
+
+Loss per batch (no perceptual or adversarial term; the scenes are flat colours
+and sharp edges, which a pixel loss already reproduces)::
+
+    rec  = mean |x - D(z)|          (or mean (x - D(z))^2 with loss="l2"), z ~ q(z | x)
+    kl   = mean_b  KL(q(z | x_b) || N(0, I)) / (3 H W)
+    loss = rec + kl_weight * kl
+
+Both terms are divided by the number of image elements, so ``kl_weight`` has the
+same relative weight as the original ``LPIPSWithDiscriminator(kl_weight=1e-6)``,
+whose reconstruction and KL terms are both sums per image.
+
+Training may run on random crops (``crop``): the autoencoder is fully
+convolutional, and a 32x32 crop costs a quarter of a 64x64 image. Crop offsets
+are multiples of the downsampling factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ldm.autoencoder import AutoencoderKL, build_first_stage
+from ldm.config import AutoencoderConfig
+from ldm.training.data import random_crops, scene_batch, step_generator
+from ldm.training.optim import learning_rate, make_optimizer, set_learning_rate
+
+__all__ = ["AutoencoderTrainConfig", "AutoencoderTrainer", "autoencoder_loss", "psnr"]
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainConfig:
+    """Hyper-parameters of the autoencoder stage."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6
+    crop: int | None = 32  # None = full 64x64 images
+    grad_clip: float = 1.0
+
+
+def autoencoder_loss(
+    ae: AutoencoderKL,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    kind: Literal["l1", "l2"] = "l1",
+    kl_weight: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of ``ae`` on images ``x`` ``[B, 3, H, W]`` in ``[-1, 1]``; returns ``(loss, parts)``."""
+    posterior = ae.encode(x)  # q(z | x) over [B, 4, H/f, W/f]
+    z = posterior.sample(generator)
+    rec = ae.decode(z)  # [B, 3, H, W]
+    err = rec - x
+    rec_loss = err.abs().mean() if kind == "l1" else err.pow(2).mean()
+    # KL(N(mu, var) || N(0, 1)) summed over latent elements, per image
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).flatten(1).sum(1)
+    kl = kl.mean() / x[0].numel()
+    loss = rec_loss + kl_weight * kl
+    return loss, {"loss": float(loss.detach()), "rec": float(rec_loss.detach()), "kl": float(kl.detach())}
+
+
+@torch.no_grad()
+def psnr(ae: AutoencoderKL, x: torch.Tensor) -> float:
+    """Mean PSNR (dB, images in [0, 1] after clamping) of reconstructions from the posterior mean."""
+    rec = ae.decode(ae.encode(x).mode()).clamp(-1.0, 1.0)
+    mse = ((rec - x) / 2.0).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # per image, [0, 1] scale
+    return float((10.0 * torch.log10(1.0 / mse)).mean())
+
+
+class AutoencoderTrainer:
+    """The autoencoder, its optimizer and the step counter.
+
+    Args:
+        model_config: architecture (``kind="kl"``).
+        train_config: hyper-parameters.
+        seed: seeds the initial weights and every step's crops / posterior samples.
+        data_seed: scene stream of the training data.
+    """
+
+    def __init__(
+        self, model_config: AutoencoderConfig, train_config: AutoencoderTrainConfig, *, seed: int, data_seed: int
+    ) -> None:
+        self.model_config = model_config
+        self.config = train_config
+        self.seed = seed
+        self.data_seed = data_seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            ae = build_first_stage(model_config)
+        if not isinstance(ae, AutoencoderKL):
+            raise ValueError("only KL autoencoders are trained here")
+        self.model: AutoencoderKL = ae
+        self.optimizer = make_optimizer(ae.parameters(), train_config.lr, train_config.weight_decay)
+        self.step = 0
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The (cropped) training images of ``step``: ``[B, 3, crop, crop]``."""
+        images, _ = scene_batch(self.data_seed, step * self.config.batch_size, self.config.batch_size)
+        if self.config.crop is None:
+            return images
+        gen = step_generator(self.seed, "autoencoder", step)
+        return random_crops(images, self.config.crop, gen, self.model_config.downsample_factor)
+
+    def train_step(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """One optimizer step on images ``x``; advances :attr:`step`. Returns the loss parts and the rate."""
+        self.model.train()
+        lr = learning_rate(self.step, self.config.steps, self.config.lr, self.config.warmup_steps)
+        set_learning_rate(self.optimizer, lr)
+        loss, parts = autoencoder_loss(
+            self.model, x, generator, kind=self.config.loss, kl_weight=self.config.kl_weight
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"autoencoder loss is {parts['loss']} at step {self.step}")
+        return {**parts, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def next_step(self) -> dict[str, float]:
+        """Train on the batch and noise of the current step (deterministic per seed and step)."""
+        x = self.batch(self.step)
+        # the crop above used draws from its own generator; the posterior noise gets a fresh one
+        gen = step_generator(self.seed + 1, "autoencoder", self.step)
+        return self.train_step(x, gen)
+
+    def state_dict(self) -> dict[str, object]:
+        """Weights, optimizer state and step, for resuming."""
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.model.load_state_dict(state["model"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.step = int(state["step"])  # type: ignore[call-overload]

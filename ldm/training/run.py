@@ -1,0 +1,222 @@
+"""Both training stages end to end, with logging, resumable checkpoints and the final export.
+
+Layout of the output folder::
+
+    DIR/train_state/autoencoder.pt   autoencoder weights + optimizer + step (+ elapsed seconds)
+    DIR/train_state/diffusion.pt     UNet, text encoder, optimizer, EMA, scale factor, step
+    DIR/tokenizer/vocab.txt          written first; the trainer tokenizes through it
+    DIR/<name>.safetensors|.yaml|.json, DIR/MODEL_CARD.md   the export (at the end)
+
+State files are written every ``checkpoint_every`` steps and at the end of a
+stage (to a temporary name, then renamed), and read back with
+``torch.load(weights_only=True)``. With ``resume`` a run continues from them;
+because every step's data and noise depend only on ``(seed, step)``, the
+continued run computes exactly the steps an uninterrupted run would have.
+Once a diffusion state exists the autoencoder is final (its steps are not extended).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.data.shapes import write_vocab
+from ldm.tokenizers import BertTokenizer
+from ldm.training.autoencoder import AutoencoderTrainer, psnr
+from ldm.training.data import scene_batch
+from ldm.training.diffusion import LatentDiffusionTrainer
+from ldm.training.export import ExportedModel, export_model
+from ldm.training.presets import PRESETS, Preset
+
+__all__ = ["RunOptions", "run_training"]
+
+HELD_OUT_OFFSET = 1_000_003  # held-out scenes: stream data_seed + this
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What :func:`run_training` does; ``None`` fields take the preset's value."""
+
+    out: Path
+    preset: str = "bundled"
+    ae_steps: int | None = None
+    ldm_steps: int | None = None
+    batch_size: int | None = None  # diffusion batch
+    ae_batch_size: int | None = None
+    threads: int | None = None
+    seed: int = 0
+    data_seed: int = 7
+    resume: bool = False
+    checkpoint_every: int = 250
+    log_every: int = 25
+    name: str = "shapes-ldm-f4"
+    fp16: bool = True
+    command: str = ""
+
+
+def _resolve(options: RunOptions) -> Preset:
+    if options.preset not in PRESETS:
+        raise ValueError(f"unknown preset {options.preset!r}; expected one of {', '.join(PRESETS)}")
+    p = PRESETS[options.preset]
+    ae = dataclasses.replace(
+        p.autoencoder,
+        steps=options.ae_steps if options.ae_steps is not None else p.autoencoder.steps,
+        batch_size=options.ae_batch_size or p.autoencoder.batch_size,
+    )
+    ldm = dataclasses.replace(
+        p.diffusion,
+        steps=options.ldm_steps if options.ldm_steps is not None else p.diffusion.steps,
+        batch_size=options.batch_size or p.diffusion.batch_size,
+    )
+    return dataclasses.replace(p, autoencoder=ae, diffusion=ldm)
+
+
+def _save(state: dict[str, object], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict[str, object]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Meter:
+    """Steps per second over the last logging window."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.t0
+        value = self.steps / elapsed if elapsed > 0 else 0.0
+        self.t0, self.steps = time.perf_counter(), 0
+        return value
+
+
+def _log_line(stage: str, step: int, total: int, parts: dict[str, float], its: float) -> str:
+    fields = " ".join(f"{k} {v:.4g}" for k, v in parts.items())
+    eta = (total - step) / its if its > 0 else float("inf")
+    return f"[{stage}] step {step}/{total} {fields} | {its:.3f} it/s ({1 / its if its else 0:.2f} s/step) eta {eta / 60:.1f} min"
+
+
+def run_training(options: RunOptions, log: Callable[[str], None] | None = None) -> ExportedModel:
+    """Train (or continue) both stages as ``options`` says, then export; returns the export's paths.
+
+    Raises:
+        FileExistsError: training state exists in ``options.out`` and ``resume`` is off.
+    """
+    emit = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    preset = _resolve(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    out = Path(options.out)
+    state_dir = out / "train_state"
+    ae_path, ldm_path = state_dir / "autoencoder.pt", state_dir / "diffusion.pt"
+    if not options.resume and (ae_path.exists() or ldm_path.exists()):
+        raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = write_vocab(out / "tokenizer").parent
+    model = preset.model
+    assert model.cond_stage is not None and hasattr(model.cond_stage, "max_seq_len")
+    tokenizer = BertTokenizer.from_dir(tokenizer_dir, max_length=model.cond_stage.max_seq_len)
+
+    # ---------------------------------------------------------------- stage 1: autoencoder
+    ae = AutoencoderTrainer(model.first_stage, preset.autoencoder, seed=options.seed, data_seed=options.data_seed)
+    ae_elapsed = 0.0
+    if options.resume and ae_path.exists():
+        saved = _load(ae_path)
+        ae.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
+        ae_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
+        emit(f"[ae] resumed at step {ae.step}")
+    ae_final = ldm_path.exists() and options.resume
+    if ae_final and ae.step < preset.autoencoder.steps:
+        emit(f"[ae] a diffusion state exists: keeping the autoencoder at step {ae.step}")
+    meter, start = _Meter(), time.perf_counter()
+    while not ae_final and ae.step < preset.autoencoder.steps:
+        parts = ae.next_step()
+        meter.tick()
+        if ae.step % options.log_every == 0 or ae.step == preset.autoencoder.steps:
+            emit(_log_line("ae", ae.step, preset.autoencoder.steps, parts, meter.rate()))
+        if ae.step % options.checkpoint_every == 0 or ae.step == preset.autoencoder.steps:
+            _save({"trainer": ae.state_dict(), "elapsed_s": ae_elapsed + time.perf_counter() - start}, ae_path)
+    ae_elapsed += time.perf_counter() - start if not ae_final else 0.0
+    held_out, _ = scene_batch(options.data_seed + HELD_OUT_OFFSET, 0, preset.eval_scenes)
+    ae.model.eval()
+    ae_psnr = psnr(ae.model, held_out)
+    emit(f"[ae] held-out PSNR {ae_psnr:.2f} dB on {preset.eval_scenes} scenes")
+
+    # ---------------------------------------------------------------- stage 2: diffusion
+    ldm = LatentDiffusionTrainer(
+        model, preset.diffusion, ae.model, tokenizer, seed=options.seed, data_seed=options.data_seed
+    )
+    ldm_elapsed = 0.0
+    if options.resume and ldm_path.exists():
+        saved = _load(ldm_path)
+        ldm.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
+        ldm_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
+        emit(f"[ldm] resumed at step {ldm.step}")
+    meter, start = _Meter(), time.perf_counter()
+    while ldm.step < preset.diffusion.steps:
+        parts = ldm.next_step()
+        meter.tick()
+        if ldm.step == 1:
+            emit(f"[ldm] scale_factor = 1/std(first latent batch) = {ldm.scale_factor:.6g}")
+        if ldm.step % options.log_every == 0 or ldm.step == preset.diffusion.steps:
+            emit(_log_line("ldm", ldm.step, preset.diffusion.steps, parts, meter.rate()))
+        if ldm.step % options.checkpoint_every == 0 or ldm.step == preset.diffusion.steps:
+            _save({"trainer": ldm.state_dict(), "elapsed_s": ldm_elapsed + time.perf_counter() - start}, ldm_path)
+    ldm_elapsed += time.perf_counter() - start
+    if ldm.scale_factor is None:  # zero diffusion steps: still export a loadable model
+        ldm.set_scale_factor(ldm.encode(scene_batch(options.data_seed, 0, preset.diffusion.batch_size)[0], torch.Generator().manual_seed(options.seed)))
+    assert ldm.scale_factor is not None
+
+    # ---------------------------------------------------------------- export
+    unet_sd, text_sd = ldm.ema_weights()
+    metadata: dict[str, object] = {
+        "name": options.name,
+        "preset": options.preset,
+        "seed": options.seed,
+        "data_seed": options.data_seed,
+        "held_out_data_seed": options.data_seed + HELD_OUT_OFFSET,
+        "training": {
+            "ae_steps": ae.step,
+            "ae_batch_size": preset.autoencoder.batch_size,
+            "ae_crop": preset.autoencoder.crop,
+            "kl_weight": preset.autoencoder.kl_weight,
+            "ldm_steps": ldm.step,
+            "ldm_batch_size": preset.diffusion.batch_size,
+            "ldm_lr": preset.diffusion.lr,
+            "uncond_prob": preset.diffusion.uncond_prob,
+            "ema_decay": preset.diffusion.ema_decay,
+            "ema_updates": ldm.ema.num_updates,
+        },
+        "ae_psnr_db": round(ae_psnr, 3),
+        "wall_time_s": round(ae_elapsed + ldm_elapsed, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "command": options.command or f"python tools/train_bundled_model.py --out DIR --preset {options.preset}",
+    }
+    exported = export_model(
+        out,
+        model,
+        unet=unet_sd,
+        first_stage=ae.model.state_dict(),
+        cond_stage=text_sd,
+        scale_factor=ldm.scale_factor,
+        metadata=metadata,
+        fp16=options.fp16,
+    )
+    emit(f"[export] {exported.checkpoint} ({exported.checkpoint.stat().st_size / 1e6:.1f} MB)")
+    return exported
