@@ -71,6 +71,7 @@ def autoencoder_loss(
 @torch.no_grad()
 def psnr(ae: AutoencoderKL, x: torch.Tensor) -> float:
     """Mean PSNR (dB, images in [0, 1] after clamping) of reconstructions from the posterior mean."""
+    x = x.to(ae.quant_conv.weight.device)
     rec = ae.decode(ae.encode(x).mode()).clamp(-1.0, 1.0)
     mse = ((rec - x) / 2.0).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # per image, [0, 1] scale
     return float((10.0 * torch.log10(1.0 / mse)).mean())
@@ -84,10 +85,18 @@ class AutoencoderTrainer:
         train_config: hyper-parameters.
         seed: seeds the initial weights and every step's crops / posterior samples.
         data_seed: scene stream of the training data.
+        device: where the model trains; every random draw still happens on the CPU,
+            so a run draws the same data and noise on any device.
     """
 
     def __init__(
-        self, model_config: AutoencoderConfig, train_config: AutoencoderTrainConfig, *, seed: int, data_seed: int
+        self,
+        model_config: AutoencoderConfig,
+        train_config: AutoencoderTrainConfig,
+        *,
+        seed: int,
+        data_seed: int,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.model_config = model_config
         self.config = train_config
@@ -98,7 +107,8 @@ class AutoencoderTrainer:
             ae = build_first_stage(model_config)
         if not isinstance(ae, AutoencoderKL):
             raise ValueError("only KL autoencoders are trained here")
-        self.model: AutoencoderKL = ae
+        self.device = torch.device(device)
+        self.model: AutoencoderKL = ae.to(self.device)
         self.optimizer = make_optimizer(ae.parameters(), train_config.lr, train_config.weight_decay)
         self.step = 0
 
@@ -116,7 +126,7 @@ class AutoencoderTrainer:
         lr = learning_rate(self.step, self.config.steps, self.config.lr, self.config.warmup_steps)
         set_learning_rate(self.optimizer, lr)
         loss, parts = autoencoder_loss(
-            self.model, x, generator, kind=self.config.loss, kl_weight=self.config.kl_weight
+            self.model, x.to(self.device), generator, kind=self.config.loss, kl_weight=self.config.kl_weight
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

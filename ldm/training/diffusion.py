@@ -119,6 +119,8 @@ class LatentDiffusionTrainer:
         tokenizer: the BERT tokenizer of ``vocab.txt``.
         seed: seeds initial weights and every step's noise, timesteps and caption dropout.
         data_seed: scene stream of the training data.
+        device: where UNet, text encoder and autoencoder run; every random draw
+            happens on the CPU, so a run draws the same data and noise on any device.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class LatentDiffusionTrainer:
         *,
         seed: int,
         data_seed: int,
+        device: str | torch.device = "cpu",
     ) -> None:
         if model_config.cond_stage is None:
             raise ValueError("the diffusion trainer needs a text encoder (cond_stage)")
@@ -138,12 +141,15 @@ class LatentDiffusionTrainer:
         self.seed = seed
         self.data_seed = data_seed
         self.tokenizer = tokenizer
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.autoencoder = autoencoder.to(self.device).eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             self.unet = UNetModel(model_config.unet)
             zero_init_like_original(self.unet)
             self.text_encoder = build_cond_stage_model(model_config.cond_stage)
+        self.unet.to(self.device)
+        self.text_encoder.to(self.device)
         params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         self.optimizer = make_optimizer(params, train_config.lr, train_config.weight_decay)
         self.ema = ExponentialMovingAverage(
@@ -152,14 +158,14 @@ class LatentDiffusionTrainer:
         betas = make_beta_schedule(
             model_config.beta_schedule, model_config.timesteps, model_config.linear_start, model_config.linear_end
         )
-        self.alphas_cumprod = alphas_cumprod(betas)  # [T] float32
+        self.alphas_cumprod = alphas_cumprod(betas).to(self.device)  # [T] float32
         self.scale_factor: float | None = None
         self.step = 0
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Unscaled posterior samples ``E(x).sample()`` ``[B, C, h, w]``."""
-        return self.autoencoder.encode(images).sample(generator)
+        return self.autoencoder.encode(images.to(self.device)).sample(generator)
 
     def set_scale_factor(self, latents: torch.Tensor) -> float:
         """``scale_factor = 1 / std(latents)`` (all elements); stored and returned."""
@@ -185,9 +191,9 @@ class LatentDiffusionTrainer:
         assert self.scale_factor is not None
         z0 = latents * self.scale_factor
         kept = drop_captions(captions, self.config.uncond_prob, generator)
-        ids = self.tokenizer(kept)  # [B, L]
-        t = torch.randint(0, self.model_config.timesteps, (z0.shape[0],), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
+        ids = self.tokenizer(kept).to(self.device)  # [B, L]
+        t = torch.randint(0, self.model_config.timesteps, (z0.shape[0],), generator=generator).to(self.device)
+        noise = torch.randn(z0.shape, generator=generator).to(self.device)
 
         lr = learning_rate(self.step, self.config.steps, self.config.lr, self.config.warmup_steps)
         set_learning_rate(self.optimizer, lr)

@@ -113,14 +113,16 @@ def model_card(config: ModelConfig, metadata: Mapping[str, object], parameters: 
         " classifier-free guidance, uniform t.",
         f"- EMA (decay {train.get('ema_decay')}, LitEma warm-up) of the UNet and the text encoder; the"
         " checkpoint holds the EMA weights as its released weights (`use_ema: false`, no `model_ema.*`).",
-        f"- Seed {metadata.get('seed')}; wall time {metadata.get('wall_time_s', 'n/a')} s on"
-        f" {metadata.get('threads', '?')} CPU thread(s).",
+        f"- Seed {metadata.get('seed')}; wall time {metadata.get('wall_time_s', 'n/a')} s on device"
+        f" {metadata.get('device', 'cpu')} with {metadata.get('threads', '?')} CPU thread(s).",
     ]
     if "ae_psnr_db" in metadata:
         lines.append(f"- Autoencoder PSNR on held-out scenes: {float(metadata['ae_psnr_db']):.2f} dB.")  # type: ignore[arg-type]
     lines += [
         "",
         "## Reproduce",
+        "",
+        "Last invocation (a resumed run shows its final `--resume` call):",
         "",
         "```",
         str(metadata.get("command", "python tools/train_bundled_model.py --out DIR --preset bundled")),

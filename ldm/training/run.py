@@ -50,6 +50,9 @@ class RunOptions:
     ldm_steps: int | None = None
     batch_size: int | None = None  # diffusion batch
     ae_batch_size: int | None = None
+    ae_crop: int | None = None  # 0 = full images
+    ae_lr: float | None = None
+    ldm_lr: float | None = None
     threads: int | None = None
     seed: int = 0
     data_seed: int = 7
@@ -58,6 +61,7 @@ class RunOptions:
     log_every: int = 25
     name: str = "shapes-ldm-f4"
     fp16: bool = True
+    device: str = "cpu"
     command: str = ""
 
 
@@ -69,11 +73,14 @@ def _resolve(options: RunOptions) -> Preset:
         p.autoencoder,
         steps=options.ae_steps if options.ae_steps is not None else p.autoencoder.steps,
         batch_size=options.ae_batch_size or p.autoencoder.batch_size,
+        crop=p.autoencoder.crop if options.ae_crop is None else (options.ae_crop or None),
+        lr=options.ae_lr or p.autoencoder.lr,
     )
     ldm = dataclasses.replace(
         p.diffusion,
         steps=options.ldm_steps if options.ldm_steps is not None else p.diffusion.steps,
         batch_size=options.batch_size or p.diffusion.batch_size,
+        lr=options.ldm_lr or p.diffusion.lr,
     )
     return dataclasses.replace(p, autoencoder=ae, diffusion=ldm)
 
@@ -133,7 +140,9 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     tokenizer = BertTokenizer.from_dir(tokenizer_dir, max_length=model.cond_stage.max_seq_len)
 
     # ---------------------------------------------------------------- stage 1: autoencoder
-    ae = AutoencoderTrainer(model.first_stage, preset.autoencoder, seed=options.seed, data_seed=options.data_seed)
+    ae = AutoencoderTrainer(
+        model.first_stage, preset.autoencoder, seed=options.seed, data_seed=options.data_seed, device=options.device
+    )
     ae_elapsed = 0.0
     if options.resume and ae_path.exists():
         saved = _load(ae_path)
@@ -159,7 +168,13 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
 
     # ---------------------------------------------------------------- stage 2: diffusion
     ldm = LatentDiffusionTrainer(
-        model, preset.diffusion, ae.model, tokenizer, seed=options.seed, data_seed=options.data_seed
+        model,
+        preset.diffusion,
+        ae.model,
+        tokenizer,
+        seed=options.seed,
+        data_seed=options.data_seed,
+        device=options.device,
     )
     ldm_elapsed = 0.0
     if options.resume and ldm_path.exists():
@@ -179,7 +194,8 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             _save({"trainer": ldm.state_dict(), "elapsed_s": ldm_elapsed + time.perf_counter() - start}, ldm_path)
     ldm_elapsed += time.perf_counter() - start
     if ldm.scale_factor is None:  # zero diffusion steps: still export a loadable model
-        ldm.set_scale_factor(ldm.encode(scene_batch(options.data_seed, 0, preset.diffusion.batch_size)[0], torch.Generator().manual_seed(options.seed)))
+        first_images, _ = ldm.batch(0)
+        ldm.set_scale_factor(ldm.encode(first_images, torch.Generator().manual_seed(options.seed)))
     assert ldm.scale_factor is not None
 
     # ---------------------------------------------------------------- export
@@ -195,6 +211,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             "ae_batch_size": preset.autoencoder.batch_size,
             "ae_crop": preset.autoencoder.crop,
             "kl_weight": preset.autoencoder.kl_weight,
+            "ae_lr": preset.autoencoder.lr,
             "ldm_steps": ldm.step,
             "ldm_batch_size": preset.diffusion.batch_size,
             "ldm_lr": preset.diffusion.lr,
@@ -206,6 +223,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         "wall_time_s": round(ae_elapsed + ldm_elapsed, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "device": options.device,
         "command": options.command or f"python tools/train_bundled_model.py --out DIR --preset {options.preset}",
     }
     exported = export_model(

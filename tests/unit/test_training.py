@@ -16,9 +16,9 @@ from ldm.config_yaml import model_config_from_yaml, model_config_to_yaml
 from ldm.data.shapes import vocab_tokens, write_vocab
 from ldm.pipeline import load_pipeline
 from ldm.tokenizers import BertTokenizer
-from ldm.training.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
+from ldm.training.autoencoder import AutoencoderTrainer
 from ldm.training.data import scene_batch, step_generator
-from ldm.training.diffusion import DiffusionTrainConfig, LatentDiffusionTrainer, drop_captions
+from ldm.training.diffusion import LatentDiffusionTrainer, drop_captions
 from ldm.training.ema import ExponentialMovingAverage
 from ldm.training.export import export_model
 from ldm.training.presets import SMOKE
