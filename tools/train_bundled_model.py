@@ -42,9 +42,14 @@ noise are those of a CPU run) one NVIDIA H200 ran 0.04 s per autoencoder step an
 dominates). First signals from there (not a release): 2500 autoencoder steps gave
 23.2 dB held-out PSNR with 32 px crops and 24.8 dB on full 64x64 images
 (``--ae-crop 0``); after 1500 diffusion steps the judge read shape and colour right
-in only 9% of single-object images (guidance 5). The CPU budget above is thus a
-floor, not a quality guarantee: a release run should train much longer (on a GPU)
-and check the judge's numbers before shipping.
+in only 9% of single-object images (guidance 5). The autoencoder is the first
+bottleneck: on its own reconstructions of held-out scenes (22.6 dB) the judge read
+the background always right but shape 26% and colour 18% of the time, so no UNet
+can do better. The run now logs that check after stage 1
+(``ae_judge_on_reconstructions`` in the JSON and model card). The CPU budget above
+is thus a floor, not a quality guarantee: a release run needs a much better
+autoencoder (longer, full 64x64 images, perhaps wider) and a longer diffusion
+stage, and should check the judge's numbers before shipping.
 """
 
 from __future__ import annotations

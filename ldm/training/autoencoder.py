@@ -29,7 +29,7 @@ from ldm.config import AutoencoderConfig
 from ldm.training.data import random_crops, scene_batch, step_generator
 from ldm.training.optim import learning_rate, make_optimizer, set_learning_rate
 
-__all__ = ["AutoencoderTrainConfig", "AutoencoderTrainer", "autoencoder_loss", "psnr"]
+__all__ = ["AutoencoderTrainConfig", "AutoencoderTrainer", "autoencoder_loss", "psnr", "reconstruct"]
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,16 @@ def autoencoder_loss(
 
 
 @torch.no_grad()
+def reconstruct(ae: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    """``D(mean of q(z | x))`` clamped to ``[-1, 1]``, on ``x``'s device."""
+    rec = ae.decode(ae.encode(x.to(ae.quant_conv.weight.device)).mode()).clamp(-1.0, 1.0)
+    return rec.to(x.device)
+
+
+@torch.no_grad()
 def psnr(ae: AutoencoderKL, x: torch.Tensor) -> float:
     """Mean PSNR (dB, images in [0, 1] after clamping) of reconstructions from the posterior mean."""
-    x = x.to(ae.quant_conv.weight.device)
-    rec = ae.decode(ae.encode(x).mode()).clamp(-1.0, 1.0)
+    rec = reconstruct(ae, x)
     mse = ((rec - x) / 2.0).pow(2).flatten(1).mean(1).clamp_min(1e-10)  # per image, [0, 1] scale
     return float((10.0 * torch.log10(1.0 / mse)).mean())
 

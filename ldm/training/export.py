@@ -118,6 +118,11 @@ def model_card(config: ModelConfig, metadata: Mapping[str, object], parameters: 
     ]
     if "ae_psnr_db" in metadata:
         lines.append(f"- Autoencoder PSNR on held-out scenes: {float(metadata['ae_psnr_db']):.2f} dB.")  # type: ignore[arg-type]
+    if metadata.get("ae_judge_on_reconstructions"):
+        lines.append(
+            "- Judge accuracy on held-out autoencoder reconstructions (an upper bound for generated images): "
+            f"{metadata['ae_judge_on_reconstructions']}."
+        )
     lines += [
         "",
         "## Reproduce",

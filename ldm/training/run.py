@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.shapes import write_vocab
+from ldm.data.judge import DEFAULT_WEIGHTS, accuracy_report, judge_scenes
+from ldm.data.shapes import parse_caption, write_vocab
 from ldm.tokenizers import BertTokenizer
-from ldm.training.autoencoder import AutoencoderTrainer, psnr
+from ldm.training.autoencoder import AutoencoderTrainer, psnr, reconstruct
 from ldm.training.data import scene_batch
 from ldm.training.diffusion import LatentDiffusionTrainer
 from ldm.training.export import ExportedModel, export_model
@@ -161,10 +162,17 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         if ae.step % options.checkpoint_every == 0 or ae.step == preset.autoencoder.steps:
             _save({"trainer": ae.state_dict(), "elapsed_s": ae_elapsed + time.perf_counter() - start}, ae_path)
     ae_elapsed += time.perf_counter() - start if not ae_final else 0.0
-    held_out, _ = scene_batch(options.data_seed + HELD_OUT_OFFSET, 0, preset.eval_scenes)
+    held_out, held_captions = scene_batch(options.data_seed + HELD_OUT_OFFSET, 0, preset.eval_scenes)
     ae.model.eval()
     ae_psnr = psnr(ae.model, held_out)
     emit(f"[ae] held-out PSNR {ae_psnr:.2f} dB on {preset.eval_scenes} scenes")
+    # The diffusion model cannot draw better than its decoder: what does the judge read in reconstructions?
+    ae_judge: dict[str, float] = {}
+    if DEFAULT_WEIGHTS.is_file():
+        judged = judge_scenes(reconstruct(ae.model, held_out).cpu())
+        report = accuracy_report([parse_caption(c) for c in held_captions], judged)
+        ae_judge = {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
+        emit(f"[ae] judge on held-out reconstructions: {ae_judge}")
 
     # ---------------------------------------------------------------- stage 2: diffusion
     ldm = LatentDiffusionTrainer(
@@ -220,6 +228,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             "ema_updates": ldm.ema.num_updates,
         },
         "ae_psnr_db": round(ae_psnr, 3),
+        "ae_judge_on_reconstructions": ae_judge,
         "wall_time_s": round(ae_elapsed + ldm_elapsed, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
