@@ -18,8 +18,7 @@ the model code raises them and never thinks about transport codes.
     ├── QueueUnavailable                      -> 503  Redis unreachable
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
-    ├── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
-    └── JobCanceled                           -> internal: a job's rows were dropped on request
+    └── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
 """
 
 from __future__ import annotations
@@ -135,13 +134,6 @@ class QueueUnavailable(LdmServeError):
 
     http_status = 503
     code = "queue_unavailable"
-
-
-class JobCanceled(LdmServeError):
-    """A job was canceled by its client; its rows are dropped from the batch."""
-
-    http_status = 409
-    code = "job_canceled"
 
 
 class WebhookVerificationError(LdmServeError, ValueError):
