@@ -24,6 +24,7 @@ import torch
 
 from ldm.autoencoder import build_first_stage
 from ldm.config import AutoencoderConfig, UNetConfig
+from ldm.random_model import randomize_weights_
 from ldm.unet import UNetModel
 
 SD15_UNET = UNetConfig(
@@ -118,28 +119,15 @@ def original_config(unet: UNetConfig, vae: AutoencoderConfig) -> dict:
     }
 
 
-@torch.no_grad()
-def _randomize(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Non-zero weights everywhere (the original zero-inits output layers, which
-    would make the parity check below vacuous)."""
-    for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
-        elif name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return module
-
-
 def build_pairs(unet_cfg: UNetConfig, vae_cfg: AutoencoderConfig, size: int):
     """(ours_unet, diffusers_unet, ours_vae, diffusers_vae) with identical weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders import single_file_utils as sfu
 
     gen = torch.Generator().manual_seed(0)
-    ours_unet = _randomize(UNetModel(unet_cfg).eval(), gen)
-    ours_vae = _randomize(build_first_stage(vae_cfg).eval(), gen)
+    # non-zero everywhere: the original zero-inits output layers, which would make the parity check vacuous
+    ours_unet = randomize_weights_(UNetModel(unet_cfg).eval(), gen)
+    ours_vae = randomize_weights_(build_first_stage(vae_cfg).eval(), gen)
     state = {f"model.diffusion_model.{k}": v for k, v in ours_unet.state_dict().items()}
     state |= {f"first_stage_model.{k}": v for k, v in ours_vae.state_dict().items()}
     original = original_config(unet_cfg, vae_cfg)

@@ -24,7 +24,7 @@ from ldm.config_yaml import model_config_to_yaml
 from ldm.encoders import build_cond_stage_model
 from ldm.unet import UNetModel
 
-__all__ = ["RANDOM_MODEL_CONFIG", "write_random_model"]
+__all__ = ["RANDOM_MODEL_CONFIG", "randomize_weights_", "write_random_model"]
 
 _WORDS = (
     "a an the of on in at and with to left right top bottom center centre middle small big large "
@@ -73,8 +73,12 @@ def _vocab() -> list[str]:
 
 
 @torch.no_grad()
-def _randomize(module: nn.Module, gen: torch.Generator) -> None:
-    """Non-degenerate random weights (the original zero-inits output layers)."""
+def randomize_weights_(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Give ``module`` non-degenerate random weights in place, deterministically from ``gen``.
+
+    The original zero-initialises several output layers, which would make an
+    untrained model (or a parity check between two implementations) degenerate.
+    """
     for name, p in module.named_parameters():
         if p.ndim >= 2:
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
@@ -82,6 +86,7 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return module
 
 
 def write_random_model(directory: str | Path, *, seed: int = 0) -> Path:
@@ -100,7 +105,7 @@ def write_random_model(directory: str | Path, *, seed: int = 0) -> Path:
     }
     state: dict[str, torch.Tensor] = {}
     for prefix, module in parts.items():
-        _randomize(module, gen)
+        randomize_weights_(module, gen)
         state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
     ckpt = directory / "random-untrained.safetensors"
     save_file(state, str(ckpt))
