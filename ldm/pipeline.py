@@ -5,6 +5,8 @@ many independent rows (prompt, seed, steps, guidance, eta, optional inpainting
 inputs) sampled in one DDIM run. ``txt2img`` and ``inpaint`` are conveniences on
 top of it. A row's image depends only on the model, the row and the size, never
 on its batch-mates: every random draw comes from the row's own generator.
+``prepare_row`` does the same per-row work for the continuous-batching engine
+(:mod:`ldm.engine`), where rows join and leave a running batch between steps.
 
 Per-row randomness, in order (all from ``torch.Generator().manual_seed(seed)`` on
 the CPU, so the same seed gives the same noise on any device):
@@ -31,7 +33,10 @@ from PIL import Image
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
-from ldm.denoiser import GuidedDenoiser, RowSerialUNet
+from ldm.denoiser import GuidedDenoiser, RowSerialUNet, UNetCallable
+from ldm.engine.ddim import row_coefficients
+from ldm.engine.padding import PaddedUNet
+from ldm.engine.rows import PreparedRow
 from ldm.loader import LoadedModel, load_model
 from ldm.sampling import MaskBlend, StepState, sample_ddim
 from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
@@ -306,6 +311,90 @@ class LatentDiffusionPipeline:
         arr = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
+    def finish_images(self, rows: Sequence[GenerationRow], latents: torch.Tensor) -> list[Image.Image]:
+        """Final latents ``[N, C, h, w]`` of ``rows`` -> their images (decoded, known pixels pasted back)."""
+        images = self.decode_latents(latents)
+        return [self._paste_known(r, img) for r, img in zip(rows, images, strict=True)]
+
+    # ------------------------------------------------------------------ per-row preparation
+
+    def effective_guidance(self, row: GenerationRow) -> float:
+        """The guidance scale the row is sampled with (LDM inpainting models take none)."""
+        return 1.0 if self.config.inpaint_mode == "ldm" else float(row.guidance_scale)
+
+    def initial_noise(self, generator: torch.Generator, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The row's ``x_T ~ N(0, I)``, ``[C, h, w]`` float32, drawn on the CPU (its generator's first draw)."""
+        return torch.randn((self.latent_channels, *latent_hw), generator=generator, dtype=torch.float32)
+
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        """``(h, w)`` of the latents for an image of ``width`` x ``height`` pixels."""
+        return height // self.downsample_factor, width // self.downsample_factor
+
+    @torch.no_grad()
+    def prepare_row(self, row: GenerationRow, width: int, height: int) -> PreparedRow:
+        """Everything the continuous-batching engine needs to denoise ``row`` (validated by the caller).
+
+        Exactly the per-row work of :meth:`generate_latents`, in the same order on the
+        row's generator: ``x_T``, then the inpainting inputs; the conditioning is encoded
+        for this row alone. A row prepared here gives the same image as the row sent
+        through :meth:`generate` alone.
+        """
+        h, w = self.latent_size(width, height)
+        generator = torch.Generator().manual_seed(row.seed)
+        x_T = self.initial_noise(generator, (h, w)).to(self.device)  # [C, h, w]
+        concat, x0, keep = self._inpainting_row(row, generator, (h, w))
+        cond = self._conditioning([row])
+        timesteps = ddim_timesteps(row.steps, self.config.timesteps, self.timestep_spacing)
+
+        def first(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v[0]
+
+        eta = torch.tensor(float(row.eta), dtype=torch.float32).item()  # as generate(): eta passes through float32
+        return PreparedRow(
+            x_T=x_T,
+            generator=generator,
+            coef=row_coefficients(timesteps, self._alphas_device, eta, self.device),
+            eta=eta,
+            guidance_scale=self.effective_guidance(row),
+            context=first(cond["context"]),
+            uncond_context=first(cond["uncond_context"]),
+            c_concat=first(None if concat is None else concat.to(self.dtype)),
+            blend_x0=first(x0),
+            blend_keep=first(keep),
+        )
+
+    def sampling_unet(self) -> UNetCallable:
+        """The UNet as the sampler calls it: one row at a time when ``batch_invariant``."""
+        return RowSerialUNet(self.model.unet) if self.batch_invariant else self.model.unet
+
+    def make_denoiser(
+        self,
+        *,
+        guidance_scale: Sequence[float],
+        context: torch.Tensor | None,
+        uncond_context: torch.Tensor | None,
+        c_concat: torch.Tensor | None,
+        pad_to: int | None = None,
+    ) -> GuidedDenoiser:
+        """The guided denoiser over this model for a batch of rows (see :class:`ldm.denoiser.GuidedDenoiser`).
+
+        ``pad_to`` pads every UNet call to that many rows (a bucket size; the padded rows'
+        outputs are dropped). It is ignored when ``batch_invariant`` (one row per call).
+        """
+        unet = self.sampling_unet()
+        if pad_to is not None and not self.batch_invariant:
+            unet = PaddedUNet(unet, pad_to)
+        return GuidedDenoiser(
+            unet,
+            guidance_scale=list(guidance_scale),
+            context=context,
+            uncond_context=uncond_context,
+            c_concat=c_concat,
+            parameterization=self.config.parameterization,
+            alphas_cumprod=self._alphas_device,
+            model_dtype=self.dtype,
+        )
+
     # ------------------------------------------------------------------ sampling
 
     @torch.no_grad()
@@ -336,8 +425,7 @@ class LatentDiffusionPipeline:
         results: list[Image.Image | None] = [None] * len(rows)
 
         def finished(indices: list[int], latents: torch.Tensor) -> None:
-            for i, img in zip(indices, self.decode_latents(latents), strict=True):
-                img = self._paste_known(rows[i], img)
+            for i, img in zip(indices, self.finish_images([rows[i] for i in indices], latents), strict=True):
                 results[i] = img
                 if on_image is not None:
                     on_image(i, img)
@@ -366,26 +454,18 @@ class LatentDiffusionPipeline:
         for row in rows:
             self.validate_row(row, width, height)
         b = len(rows)
-        h, w = height // self.downsample_factor, width // self.downsample_factor
+        h, w = self.latent_size(width, height)
         generators = [torch.Generator().manual_seed(r.seed) for r in rows]
         # 1. x_T per row, drawn on the CPU from the row's generator   # [B, C, h, w]
-        x_T = torch.stack(
-            [torch.randn((self.latent_channels, h, w), generator=g, dtype=torch.float32) for g in generators]
-        ).to(self.device)
+        x_T = torch.stack([self.initial_noise(g, (h, w)) for g in generators]).to(self.device)
 
         inpaint = self._inpainting_inputs(rows, generators, (h, w))
         cond = self._conditioning(rows)
-        scales = [1.0 if self.config.inpaint_mode == "ldm" else float(r.guidance_scale) for r in rows]
-        unet = RowSerialUNet(self.model.unet) if self.batch_invariant else self.model.unet
-        denoiser = GuidedDenoiser(
-            unet,
-            guidance_scale=scales,
+        denoiser = self.make_denoiser(
+            guidance_scale=[self.effective_guidance(r) for r in rows],
             context=cond["context"],
             uncond_context=cond["uncond_context"],
             c_concat=inpaint["c_concat"],
-            parameterization=self.config.parameterization,
-            alphas_cumprod=self._alphas_device,
-            model_dtype=self.dtype,
         )
         timesteps = [ddim_timesteps(r.steps, self.config.timesteps, self.timestep_spacing) for r in rows]
         done: set[int] = set()
@@ -430,39 +510,54 @@ class LatentDiffusionPipeline:
     def _inpainting_inputs(
         self, rows: Sequence[GenerationRow], generators: list[torch.Generator], latent_hw: tuple[int, int]
     ) -> dict[str, torch.Tensor | MaskBlend | None]:
-        """Concat conditioning (inpainting UNets) or a mask blend (plain UNets)."""
+        """Concat conditioning (inpainting UNets) or a mask blend (plain UNets) for a batch."""
         with_image = [r.image is not None for r in rows]
         if not any(with_image):
             return {"c_concat": None, "blend": None}
-        mode = self.config.inpaint_mode
         concat, x0s, keeps = [], [], []
         for r, g in zip(rows, generators, strict=True):
-            if r.image is None:  # plain row in a blending batch: blends nothing
-                x0s.append(torch.zeros((1, self.latent_channels, *latent_hw), device=self.device))
-                keeps.append(torch.ones((1, 1, *latent_hw), device=self.device))
-                continue
-            image = self._image_tensor(r.image)  # [1, 3, H, W] in [0, 1]
-            repaint = self._mask_tensor(r.mask)  # [1, 1, H, W], 1 = repaint
-            if mode == "sd":
-                # RW LatentInpaintDiffusion: masked = image * (mask < 0.5), UNet in = [x | mask | latent(masked)]
-                masked = (image * 2.0 - 1.0) * (1.0 - repaint)
-                masked_latent = self._encode_latent(masked, g)
-                small = F.interpolate(repaint, size=latent_hw, mode="nearest").to(self.device)
-                concat.append(torch.cat([small, masked_latent], dim=1))
-            elif mode == "ldm":
-                # LDM scripts/inpaint.py: masked = (1 - mask) * image, everything mapped to [-1, 1]
-                masked = ((1.0 - repaint) * image) * 2.0 - 1.0
-                c = self._encode_latent(masked, g)
-                cc = F.interpolate(repaint * 2.0 - 1.0, size=latent_hw, mode="nearest").to(self.device)
-                concat.append(torch.cat([c, cc], dim=1))
-            else:
-                x0s.append(self._encode_latent(image * 2.0 - 1.0, g))
-                # a latent cell is regenerated if any pixel it covers is to be repainted
-                keeps.append(1.0 - F.adaptive_max_pool2d(repaint, latent_hw).to(self.device))
-        if mode:
+            c, x0, keep = self._inpainting_row(r, g, latent_hw)
+            if r.image is None and not self.config.inpaint_mode:  # plain row in a blending batch: blends nothing
+                x0 = torch.zeros((1, self.latent_channels, *latent_hw), device=self.device)
+                keep = torch.ones((1, 1, *latent_hw), device=self.device)
+            concat.append(c)
+            x0s.append(x0)
+            keeps.append(keep)
+        if self.config.inpaint_mode:
             return {"c_concat": torch.cat(concat).to(self.dtype), "blend": None}
         rows_mask = torch.tensor(with_image)
         return {"c_concat": None, "blend": MaskBlend(x0=torch.cat(x0s), mask=torch.cat(keeps), rows=rows_mask)}
+
+    def _inpainting_row(
+        self, row: GenerationRow, generator: torch.Generator, latent_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """One row's inpainting inputs: ``(c_concat [1, Cc, h, w], x0 [1, C, h, w], keep [1, 1, h, w])``.
+
+        Inpainting UNets get ``c_concat`` (the rest ``None``); plain UNets get the blend
+        source ``x0`` and mask ``keep`` (1 = keep). A row without an image gets ``None`` for
+        all three. Draws the posterior sample of a KL first stage from ``generator``.
+        """
+        if row.image is None:
+            return None, None, None
+        mode = self.config.inpaint_mode
+        image = self._image_tensor(row.image)  # [1, 3, H, W] in [0, 1]
+        repaint = self._mask_tensor(row.mask)  # [1, 1, H, W], 1 = repaint
+        if mode == "sd":
+            # RW LatentInpaintDiffusion: masked = image * (mask < 0.5), UNet in = [x | mask | latent(masked)]
+            masked = (image * 2.0 - 1.0) * (1.0 - repaint)
+            masked_latent = self._encode_latent(masked, generator)
+            small = F.interpolate(repaint, size=latent_hw, mode="nearest").to(self.device)
+            return torch.cat([small, masked_latent], dim=1), None, None
+        if mode == "ldm":
+            # LDM scripts/inpaint.py: masked = (1 - mask) * image, everything mapped to [-1, 1]
+            masked = ((1.0 - repaint) * image) * 2.0 - 1.0
+            c = self._encode_latent(masked, generator)
+            cc = F.interpolate(repaint * 2.0 - 1.0, size=latent_hw, mode="nearest").to(self.device)
+            return torch.cat([c, cc], dim=1), None, None
+        x0 = self._encode_latent(image * 2.0 - 1.0, generator)
+        # a latent cell is regenerated if any pixel it covers is to be repainted
+        keep = 1.0 - F.adaptive_max_pool2d(repaint, latent_hw).to(self.device)
+        return None, x0, keep
 
     def _paste_known(self, row: GenerationRow, image: Image.Image) -> Image.Image:
         """Inpainting: put the source pixels back where the mask says keep (the original

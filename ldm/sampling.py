@@ -12,7 +12,9 @@ Update rule, per row, exactly as CompVis ``DDIMSampler.p_sample_ddim`` (paper eq
     x_prev  = sqrt(a_prev) · pred_x0 + sqrt(1 - a_prev - sigma²) · e + sigma · z,   z ~ N(0, I)
 
 with ``a_t = alphā[t_i]`` and ``a_prev = alphā[t_{i+1}]``; on a row's last step
-``a_prev = alphā[0]`` (not 1.0; diffusers' ``set_alpha_to_one=False``).
+``a_prev = alphā[0]`` (not 1.0; diffusers' ``set_alpha_to_one=False``). The iteration
+itself (coefficients, blending, update, draws) is :func:`ldm.engine.ddim.ddim_iteration`,
+shared with the continuous-batching engine.
 
 Randomness. Every draw for row ``b`` comes from ``generators[b]`` with the shape of
 one row ``[C, h, w]``, so it does not depend on the batch. Per row and step the
@@ -38,6 +40,7 @@ from typing import Protocol
 
 import torch
 
+from ldm.engine.ddim import BlendRows, StepCoefficients, ddim_iteration, row_coefficients
 from ldm_serve.errors import InvalidInput
 
 __all__ = ["Denoiser", "MaskBlend", "StepCallback", "StepState", "sample_ddim"]
@@ -191,67 +194,46 @@ def _rows_to_cancel(result: object, batch: int) -> set[int]:
     return rows
 
 
-def _randn_row(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """One row of N(0, I) noise, drawn on the generator's own device, then moved to ``device``.
-
-    A CPU generator thus yields the same numbers whether the latents live on the CPU
-    or a GPU.
-    """
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=torch.float32)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
-
-
 @dataclass(frozen=True)
-class _Coefficients:
-    """Per-row, per-step DDIM coefficients, ``[B, L]`` float32 (padded past a row's end)."""
+class _Tables:
+    """Every row's coefficients as ``[B, L]`` tables (padded with ones past a row's end)."""
 
-    t: torch.Tensor  # int64 timesteps
-    sqrt_a: torch.Tensor  # sqrt(a_t)
-    sqrt_one_minus_a: torch.Tensor  # sqrt(1 - a_t)
-    sqrt_a_prev: torch.Tensor  # sqrt(a_prev)
-    dir_coef: torch.Tensor  # sqrt(1 - a_prev - sigma²)
-    sigma: torch.Tensor  # sigma_t(eta)
+    t: torch.Tensor  # int64 timesteps, on the latents' device
+    sqrt_a: torch.Tensor
+    sqrt_one_minus_a: torch.Tensor
+    sqrt_a_prev: torch.Tensor
+    dir_coef: torch.Tensor
+    sigma: torch.Tensor
 
+    @classmethod
+    def build(
+        cls, rows: list[torch.Tensor], alphas_cumprod: torch.Tensor, eta: list[float], device: torch.device
+    ) -> _Tables:
+        """Per-row coefficients from :func:`ldm.engine.ddim.row_coefficients`, stacked."""
+        per_row = [row_coefficients(ts, alphas_cumprod, e, device) for ts, e in zip(rows, eta, strict=True)]
+        length = max(r.length for r in per_row)
 
-def _coefficients(
-    rows: list[torch.Tensor], alphas_cumprod: torch.Tensor, eta: list[float], device: torch.device
-) -> _Coefficients:
-    """Compute every coefficient once, elementwise in float64, then cast to float32.
+        def table(name: str, fill: float, dtype: torch.dtype) -> torch.Tensor:
+            out = torch.full((len(per_row), length), fill, dtype=dtype, device=device)
+            for b, r in enumerate(per_row):
+                out[b, : r.length] = getattr(r, name).to(device)
+            return out
 
-    Elementwise maths on a row's own values keeps them independent of the batch.
-    """
-    batch, length = len(rows), max(int(ts.numel()) for ts in rows)
-    abar = alphas_cumprod.detach().to("cpu", torch.float64)  # [T]
-    t = torch.zeros(batch, length, dtype=torch.int64)
-    a_t = torch.full((batch, length), 0.5, dtype=torch.float64)  # padding: harmless values
-    a_prev = torch.full((batch, length), 0.5, dtype=torch.float64)
-    for b, ts in enumerate(rows):
-        n = ts.numel()
-        t[b, :n] = ts
-        a_t[b, :n] = abar[ts]
-        a_prev[b, : n - 1] = abar[ts[1:]]
-        a_prev[b, n - 1] = abar[0]  # CompVis: the final "previous" alphā is alphā_0, not 1
-    eta_col = torch.tensor(eta, dtype=torch.float64).unsqueeze(1)  # [B, 1]
-    sigma = eta_col * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0.0))
+        return cls(
+            t=table("t", 0, torch.int64),
+            **{n: table(n, 1.0, torch.float32) for n in ("sqrt_a", "sqrt_one_minus_a", "sqrt_a_prev", "dir_coef", "sigma")},
+        )
 
-    def dev(v: torch.Tensor) -> torch.Tensor:
-        return v.to(torch.float32).to(device)
+    def at(self, rows: torch.Tensor, i: int) -> tuple[torch.Tensor, StepCoefficients]:
+        """Timesteps ``[N]`` and ``[N, 1, 1, 1]`` coefficients of ``rows`` at iteration ``i``."""
 
-    return _Coefficients(
-        t=t.to(device),
-        sqrt_a=dev(a_t.sqrt()),
-        sqrt_one_minus_a=dev((1 - a_t).sqrt()),
-        sqrt_a_prev=dev(a_prev.sqrt()),
-        dir_coef=dev(dir_coef),
-        sigma=dev(sigma),
-    )
+        def col(table: torch.Tensor) -> torch.Tensor:
+            return table[rows, i].view(-1, 1, 1, 1)
 
-
-def _col(table: torch.Tensor, rows: torch.Tensor, i: int) -> torch.Tensor:
-    """``[B, L]`` table -> the ``[N, 1, 1, 1]`` coefficients of ``rows`` at iteration ``i``."""
-    return table[rows, i].view(-1, 1, 1, 1)
+        coef = StepCoefficients(
+            col(self.sqrt_a), col(self.sqrt_one_minus_a), col(self.sqrt_a_prev), col(self.dir_coef), col(self.sigma)
+        )
+        return self.t[rows, i], coef
 
 
 def sample_ddim(
@@ -301,8 +283,7 @@ def sample_ddim(
     gens = _as_row_list("generators", generators, batch)
     blend_rows = _check_blend(blend, x_T)
     lengths = [int(ts.numel()) for ts in rows_ts]
-    coef = _coefficients(rows_ts, alphas_cumprod, eta_rows, device)
-    row_shape = x_T.shape[1:]  # [C, h, w]: every draw has the shape of one row
+    tables = _Tables.build(rows_ts, alphas_cumprod, eta_rows, device)
 
     x = x_T.to(torch.float32)  # never modified in place
     steps_done = [0] * batch
@@ -316,36 +297,27 @@ def sample_ddim(
         rows = rows_cpu.to(device)
 
         x_t = x.index_select(0, rows)  # [N, C, h, w]
-        sqrt_a, sqrt_1ma = _col(coef.sqrt_a, rows, i), _col(coef.sqrt_one_minus_a, rows, i)
-
-        # 1. mask blending: re-noise the known region to level t (q_sample), keep the rest
+        t, step_coef = tables.at(rows, i)
         blending = [k for k, b in enumerate(active) if blend_rows[b]]
+        row_blend = None
         if blending:
             assert blend is not None
-            k_idx = torch.tensor(blending, dtype=torch.int64, device=device)
-            b_idx = rows.index_select(0, k_idx)
-            z = torch.stack([_randn_row(row_shape, gens[active[k]], device) for k in blending])
-            x0 = blend.x0.to(device, torch.float32).index_select(0, b_idx)
-            keep = blend.mask.to(device, torch.float32).index_select(0, b_idx)
-            x_known = sqrt_a.index_select(0, k_idx) * x0 + sqrt_1ma.index_select(0, k_idx) * z
-            x_t = x_t.index_copy(0, k_idx, x_known * keep + (1 - keep) * x_t.index_select(0, k_idx))
-
-        # 2. one denoiser call for all active rows
-        e = denoiser(x_t, coef.t[rows, i], rows_cpu)
-        if e.shape != x_t.shape:
-            raise ValueError(f"denoiser returned shape {list(e.shape)} for input {list(x_t.shape)}")
-        e = e.to(torch.float32)
-
-        # 3. DDIM update (eq. 12 of Song et al.)
-        pred_x0 = (x_t - sqrt_1ma * e) / sqrt_a
-        z = torch.zeros_like(x_t)
-        for k, b in enumerate(active):
-            if eta_rows[b] > 0:
-                z[k] = _randn_row(row_shape, gens[b], device)
-        x_prev = (
-            _col(coef.sqrt_a_prev, rows, i) * pred_x0
-            + _col(coef.dir_coef, rows, i) * e
-            + _col(coef.sigma, rows, i) * z
+            b_idx = rows.index_select(0, torch.tensor(blending, dtype=torch.int64, device=device))
+            row_blend = BlendRows(
+                positions=blending,
+                x0=blend.x0.to(device, torch.float32).index_select(0, b_idx),
+                keep=blend.mask.to(device, torch.float32).index_select(0, b_idx),
+            )
+        # blend, one denoiser call for all active rows, DDIM update (shared with the engine)
+        x_prev, pred_x0 = ddim_iteration(
+            denoiser,
+            x_t,
+            t,
+            rows_cpu,
+            step_coef,
+            generators=[gens[b] for b in active],
+            eta=[eta_rows[b] for b in active],
+            blend=row_blend,
         )
         x = x.index_copy(0, rows, x_prev)
         for b in active:

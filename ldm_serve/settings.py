@@ -71,7 +71,26 @@ class Settings(BaseSettings):
         default=None, description="UNet one row at a time (bit-identical batched images); default: on for CPU"
     )
     max_batch_rows: int = Field(default=8, ge=1)
-    batch_window_ms: int = Field(default=50, ge=0, description="how long to gather compatible jobs")
+    batch_window_ms: int = Field(
+        default=50, ge=0, description="request batching: how long to gather compatible jobs"
+    )
+    batching: Literal["continuous", "request"] = Field(
+        default="continuous",
+        description="continuous: jobs join and leave the running batch between DDIM steps; "
+        "request: one batch of jobs runs start to finish",
+    )
+    engine_waiting_served_ratio: float = Field(
+        default=0.0, ge=0, description="continuous: admit while rows run only if waiting rows >= ratio x running"
+    )
+    engine_max_waiting_steps: int = Field(
+        default=20, ge=1, description="continuous: steps after which a waiting job forces admission, un-overtaken"
+    )
+    engine_memory_budget_mb: float | None = Field(
+        default=None, gt=0, description="continuous: activation memory of the running batch (estimated); none = rows only"
+    )
+    engine_buckets: tuple[int, ...] = Field(
+        default=(), description="continuous: UNet batch sizes to pad each step to (JSON list); ignored when batch_invariant"
+    )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=10.0, gt=0)
     reap_interval_s: float = Field(default=5.0, gt=0)
@@ -95,6 +114,8 @@ class Settings(BaseSettings):
                 f"max_images ({self.max_images}) must not exceed max_batch_rows ({self.max_batch_rows}):"
                 " one job's images always run in one batch"
             )
+        if any(b < 1 for b in self.engine_buckets) or list(self.engine_buckets) != sorted(set(self.engine_buckets)):
+            raise ValueError(f"engine_buckets must be strictly ascending positive sizes, got {self.engine_buckets}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be longer than heartbeat_interval_s")
         return self

@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from DIR/train_state")
     p.add_argument("--checkpoint-every", type=int, default=250, help="save training state every N steps")
     p.add_argument("--log-every", type=int, default=25, help="log every N steps")
-    p.add_argument("--name", default="shapes-ldm-f4", help="model name and checkpoint stem")
+    p.add_argument("--name", default="shapes-ldm-f4", help="model name (the id clients see)")
+    p.add_argument("--stem", default=None, help="file stem of the export (default: --name; the shipped model uses 'bundled')")
     p.add_argument("--device", default="cpu", help="cpu or cuda (random draws stay on the CPU)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     return p.parse_args(argv)
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             log_every=args.log_every,
             name=args.name,
+            stem=args.stem,
             fp16=not args.fp32,
             device=args.device,
             command=command,

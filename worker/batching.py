@@ -70,6 +70,22 @@ def select_compatible(key: str, rows_left: int, candidates: Sequence[Candidate])
     return chosen
 
 
+def select_in_order(key: str, rows_left: int, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The head of the queue while it is compatible and fits: strict queue order.
+
+    Used to feed a running continuous batch: stopping at the first job of another
+    size (or one too big for the room left) means that job is never overtaken; the
+    running batch drains and that job starts next, so no size or big job starves.
+    """
+    chosen: list[Candidate] = []
+    for c in candidates:
+        if c.batch_key != key or c.rows > rows_left:
+            break
+        chosen.append(c)
+        rows_left -= c.rows
+    return chosen
+
+
 class BatchCollector:
     """Pops jobs for one worker from the per-priority RQ queues.
 
@@ -118,16 +134,20 @@ class BatchCollector:
                 return None
             self.sleep(self.poll_s)
 
-    def gather(self, key: str, rows_left: int, window_s: float, linger: bool = True) -> list[str]:
+    def gather(
+        self, key: str, rows_left: int, window_s: float, linger: bool = True, in_order: bool = False
+    ) -> list[str]:
         """Take compatible queued jobs for up to ``window_s`` seconds or until the rows are full.
 
         With ``linger=False`` the window is only used when the first scan finds company:
         a lone request under light load then starts at once instead of paying the window.
+        With ``in_order=True`` only the compatible head of the queue is taken
+        (:func:`select_in_order`), never jobs behind one of another size.
         """
         taken: list[str] = []
         deadline = self.clock() + window_s
         while rows_left > 0:
-            for c in self._compatible_candidates(key, rows_left):
+            for c in self._compatible_candidates(key, rows_left, in_order):
                 if self._take(c.job_id):
                     taken.append(c.job_id)
                     rows_left -= c.rows
@@ -136,7 +156,7 @@ class BatchCollector:
             self.sleep(min(0.01, max(0.0, deadline - self.clock())))
         return taken
 
-    def _compatible_candidates(self, key: str, rows_left: int) -> list[Candidate]:
+    def _compatible_candidates(self, key: str, rows_left: int, in_order: bool = False) -> list[Candidate]:
         pipe = self.redis.pipeline(transaction=False)
         for qk in self.queue_keys:
             pipe.lrange(qk, 0, self.scan_limit - 1)
@@ -152,7 +172,7 @@ class BatchCollector:
             for job_id, (bkey, rows) in zip(ids, meta, strict=True)
             if bkey is not None and rows is not None
         ]
-        return select_compatible(key, rows_left, candidates)
+        return (select_in_order if in_order else select_compatible)(key, rows_left, candidates)
 
     def _take(self, job_id: str) -> bool:
         return bool(self._take_script(keys=[*self.queue_keys, self.worker_set], args=[job_id]))

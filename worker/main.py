@@ -1,11 +1,15 @@
 """The long-lived, non-forking generation worker.
 
 One process loads its model once, warms it up, registers itself (with a
-heartbeat) and then loops: pop the next job of its model, gather compatible
-queued jobs for a short window, run them as one batch. Jobs are never handed to
-a forked child (CUDA state cannot cross ``fork()``, and the weights would reload).
+heartbeat) and then loops. With ``batching="continuous"`` (the default) every
+iteration takes the compatible queued jobs there is room for into the running
+batch and advances it by one DDIM step (:mod:`worker.continuous`); with
+``batching="request"`` it pops the next job, gathers compatible queued jobs for a
+short window and runs them as one batch from start to finish. Jobs are never
+handed to a forked child (CUDA state cannot cross ``fork()``, and the weights
+would reload).
 
-SIGTERM / SIGINT: stop taking work, finish the current batch, deregister, exit.
+SIGTERM / SIGINT: stop taking work, finish the running batch, deregister, exit.
 A worker that dies without deregistering is detected by its expired heartbeat;
 any worker (or the gateway) then re-queues its jobs via
 :meth:`ldm_serve.jobstore.JobStore.recover_dead_workers`.
@@ -31,6 +35,7 @@ from ldm_serve.jobstore import JobStore, connect
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
 from worker.batching import BatchCollector
+from worker.continuous import ContinuousRunner
 from worker.metrics import WorkerMetrics
 from worker.runner import BatchRunner
 from worker.webhook_events import WebhookEmitter
@@ -39,10 +44,11 @@ log = logging.getLogger("ldm_serve.worker")
 
 
 def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
-    """Load ``settings.model_path``; without one, write and load the tiny untrained model."""
+    """Load ``settings.model_path``; without one, the bundled model, else (not installed) the tiny untrained one."""
     from ldm.pipeline import load_pipeline
+    from ldm_serve.models import bundled_model_path
 
-    path = settings.model_path
+    path = settings.model_path or bundled_model_path()
     if path is None:
         from ldm.random_model import write_random_model
 
@@ -92,7 +98,14 @@ class Worker:
         self.collector = BatchCollector(
             self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name), self.name
         )
+        self.continuous: ContinuousRunner | None = None
+        if settings.batching == "continuous":
+            self.continuous = ContinuousRunner(
+                pipeline, self.store, self.runner.results, settings, self.metrics, self.webhooks, self.name,
+                row_factory,
+            )
         self._stop = threading.Event()
+        self._halted = threading.Event()  # set when the loop has ended: the heartbeat stops
         self._last_reap = 0.0
         self._last_batch_jobs = 1
 
@@ -127,7 +140,8 @@ class Worker:
         self._stop.set()
 
     def _heartbeat_loop(self, info: WorkerInfo) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval_s):
+        # beats on while a stopping worker drains its running batch, so nobody reaps its jobs
+        while not self._halted.wait(self.settings.heartbeat_interval_s):
             try:
                 self.store.heartbeat(info)
             except QueueUnavailable:
@@ -155,7 +169,7 @@ class Worker:
         log.info("worker %s serving model %r (pid %d)", self.name, self.pipeline.name, os.getpid())
         try:
             orphaned = False
-            while not self._stop.is_set():
+            while not self._stop.is_set() or self._draining():
                 try:
                     if orphaned:  # Redis came back: our interrupted jobs go back to the queue
                         self.store.register_worker(self.info())
@@ -163,20 +177,66 @@ class Worker:
                         log.warning("Redis is back; re-queued %d interrupted job(s)", len(recovered))
                         orphaned = False
                     self._maybe_reap()
-                    self._one_batch()
+                    self._iteration()
                 except QueueUnavailable as exc:
                     log.warning("%s; retrying in 1s", exc)
                     orphaned = True
-                    self._stop.wait(1.0)
+                    if self.continuous is not None:
+                        self.continuous.reset()  # their outcome can't be recorded; recovery re-queues them
+                    if self._stop.wait(1.0):
+                        break
         finally:
             self.metrics.up.set(0)
             self._stop.set()
+            self._halted.set()
             hb.join(5)  # so that no heartbeat re-registers us after deregistration
             try:
                 self.store.deregister_worker(self.name)
             except QueueUnavailable:
                 log.warning("could not deregister: Redis unreachable")
             log.info("worker %s stopped", self.name)
+
+    def _draining(self) -> bool:
+        """Stopping, but the continuous batch still holds jobs to finish."""
+        return self.continuous is not None and not self.continuous.idle
+
+    def _iteration(self) -> None:
+        if self.continuous is not None:
+            self._continuous_step()
+        else:
+            self._one_batch()
+
+    def _continuous_step(self) -> None:
+        """Take the compatible queued jobs there is room for, then advance the running batch one step."""
+        runner = self.continuous
+        assert runner is not None
+        if runner.idle:
+            if self._stop.is_set():
+                return
+            first = self.collector.pop_next(timeout_s=1)
+            if first is None:
+                return
+            rec = self._record_of(first)
+            if rec is None:
+                return
+            rows_left = self.settings.max_batch_rows - int(rec.get("rows", 1))
+            more = self.collector.gather(rec["bkey"], rows_left, 0.0, linger=False, in_order=True)
+            runner.admit([first, *more], rec["bkey"])
+        elif not self._stop.is_set() and runner.batch_key is not None and runner.room() > 0:
+            taken = self.collector.gather(runner.batch_key, runner.room(), 0.0, linger=False, in_order=True)
+            if taken:
+                runner.admit(taken, runner.batch_key)
+        runner.step()
+
+    def _record_of(self, job_id: str) -> dict[str, str] | None:
+        try:
+            return self.store.get(job_id)
+        except QueueUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - a popped id without a record is dropped
+            log.warning("popped job %s has no record; dropped", job_id)
+            self.store.release(self.name, job_id)
+            return None
 
     def _one_batch(self) -> None:
         first = self.collector.pop_next(timeout_s=1)

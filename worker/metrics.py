@@ -53,6 +53,33 @@ class WorkerMetrics:
         self.images = Counter(
             "ldm_images_generated_total", "Images generated and stored", ["model"], registry=registry
         )
+        # continuous batching (ldm.engine): one observation per engine step
+        self.engine_running_rows = Gauge(
+            "ldm_engine_running_rows", "Rows in the engine's running batch", ["model"], registry=registry
+        )
+        self.engine_waiting_rows = Gauge(
+            "ldm_engine_waiting_rows", "Rows taken by the worker, waiting to join the running batch", ["model"],
+            registry=registry,
+        )
+        self.engine_admitted_rows = Counter(
+            "ldm_engine_admitted_rows_total", "Rows admitted into the running batch", ["model"], registry=registry
+        )
+        self.engine_padded_rows = Counter(
+            "ldm_engine_padded_rows_total", "Padding rows added to UNet batches to reach a bucket size", ["model"],
+            registry=registry,
+        )
+        self.engine_step_seconds = Histogram(
+            "ldm_engine_step_seconds", "Wall time of one engine step (admission, denoising, decoding)", ["model"],
+            buckets=SECONDS_BUCKETS, registry=registry,
+        )
+        self.engine_failed_groups = Counter(
+            "ldm_engine_failed_jobs_total", "Jobs dropped by the engine because they failed alone", ["model"],
+            registry=registry,
+        )
+        self.queue_to_first_step = Histogram(
+            "ldm_queue_to_first_step_seconds", "Time from submission until the job's first denoising step starts",
+            ["model"], buckets=SECONDS_BUCKETS, registry=registry,
+        )
         self.busy = Gauge("ldm_worker_busy", "1 while the worker runs a batch", registry=registry)
         self.up = Gauge("ldm_worker_up", "1 while the worker takes jobs", registry=registry)
         self.webhooks_enqueued = Counter(

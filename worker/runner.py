@@ -174,6 +174,9 @@ class BatchRunner:
         for run in runs:
             self.store.redis.hset(self.store.keys.job(run.job_id), "batch", _json(batch_info))
             self._webhook(run, WebhookEventType.START)
+        now = time.time()
+        for run in runs:
+            self.metrics.queue_to_first_step.labels(self.model).observe(max(0.0, now - run.payload.created_at))
         self.metrics.batch_rows.labels(self.model).observe(len(rows))
         self.metrics.batch_jobs.labels(self.model).observe(len(runs))
         log.info("batch %s: %d job(s), %d row(s), %dx%d", batch_id, len(runs), len(rows), width, height)
@@ -223,6 +226,13 @@ class BatchRunner:
             run, _ = owner[p.row]
             if not run.closed and run.job_id not in per_job:
                 per_job[run.job_id] = (run, p.step, p.total)
+        return [row for run in self._progress_and_stops(per_job) for row in run.row_index]
+
+    def _progress_and_stops(
+        self, per_job: dict[str, tuple[JobRun, int, int]], extra: dict[str, dict[str, Any]] | None = None
+    ) -> list[JobRun]:
+        """Write each job's progress (and ``extra`` hash fields), read the cancel flags, enforce
+        ``job_timeout_s``; close and return the jobs that must stop. One Redis round trip."""
         if not per_job:
             return []
         ids = list(per_job)
@@ -234,9 +244,11 @@ class BatchRunner:
             pipe.hset(keys.job(job_id), mapping={"step": step, "total": total})
             pipe.xadd(keys.events(job_id), {"type": EventType.PROGRESS.value,
                                             "data": _json({"step": step, "total": total})}, maxlen=2000)
+            if extra and job_id in extra:
+                pipe.hset(keys.job(job_id), mapping=extra[job_id])
         pipe.mget([keys.cancel(j) for j in ids])
         flags = pipe.execute()[-1]
-        drop: list[int] = []
+        drop: list[JobRun] = []
         now = time.time()
         for job_id, flag in zip(ids, flags, strict=True):
             run = per_job[job_id][0]
@@ -248,7 +260,7 @@ class BatchRunner:
             else:
                 self._webhook(run, WebhookEventType.PROGRESS)
                 continue
-            drop.extend(run.row_index)
+            drop.append(run)
         return drop
 
     def _store_image(self, run: JobRun, index: int, image: Any) -> None:

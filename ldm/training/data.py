@@ -17,7 +17,7 @@ from ldm.data.shapes import sample_scene, scene_rng
 
 __all__ = ["STAGES", "images_to_tensor", "random_crops", "scene_batch", "step_generator"]
 
-STAGES: dict[str, int] = {"autoencoder": 1, "diffusion": 2, "init": 3, "eval": 4}
+STAGES: dict[str, int] = {"autoencoder": 1, "diffusion": 2, "init": 3, "eval": 4, "decoder": 5}
 """Stage ids mixed into the per-step seeds, so the two stages never share noise."""
 
 

@@ -30,7 +30,7 @@ import torch
 from ldm.data.judge import DEFAULT_WEIGHTS, accuracy_report, judge_scenes
 from ldm.data.shapes import parse_caption, write_vocab
 from ldm.tokenizers import BertTokenizer
-from ldm.training.autoencoder import AutoencoderTrainer, psnr, reconstruct
+from ldm.training.autoencoder import AutoencoderTrainer, DecoderFinetuner, psnr, reconstruct
 from ldm.training.data import scene_batch
 from ldm.training.diffusion import LatentDiffusionTrainer
 from ldm.training.export import ExportedModel, export_model
@@ -61,6 +61,7 @@ class RunOptions:
     checkpoint_every: int = 250
     log_every: int = 25
     name: str = "shapes-ldm-f4"
+    stem: str | None = None  # file stem of the export; None = name
     fp16: bool = True
     device: str = "cpu"
     command: str = ""
@@ -132,7 +133,8 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     out = Path(options.out)
     state_dir = out / "train_state"
     ae_path, ldm_path = state_dir / "autoencoder.pt", state_dir / "diffusion.pt"
-    if not options.resume and (ae_path.exists() or ldm_path.exists()):
+    dec_path = state_dir / "decoder.pt"
+    if not options.resume and (ae_path.exists() or ldm_path.exists() or dec_path.exists()):
         raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = write_vocab(out / "tokenizer").parent
@@ -166,6 +168,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     ae.model.eval()
     ae_psnr = psnr(ae.model, held_out)
     emit(f"[ae] held-out PSNR {ae_psnr:.2f} dB on {preset.eval_scenes} scenes")
+    stage1_psnr = ae_psnr
     # The diffusion model cannot draw better than its decoder: what does the judge read in reconstructions?
     ae_judge: dict[str, float] = {}
     if DEFAULT_WEIGHTS.is_file():
@@ -173,6 +176,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         report = accuracy_report([parse_caption(c) for c in held_captions], judged)
         ae_judge = {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
         emit(f"[ae] judge on held-out reconstructions: {ae_judge}")
+    stage1_judge = dict(ae_judge)
 
     # ---------------------------------------------------------------- stage 2: diffusion
     ldm = LatentDiffusionTrainer(
@@ -206,6 +210,39 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         ldm.set_scale_factor(ldm.encode(first_images, torch.Generator().manual_seed(options.seed)))
     assert ldm.scale_factor is not None
 
+    # ---------------------------------------------------------------- stage 3: decoder fine-tune
+    dec = DecoderFinetuner(
+        ae.model,
+        preset.decoder,
+        seed=options.seed,
+        data_seed=options.data_seed,
+        latent_std=1.0 / ldm.scale_factor,
+    )
+    dec_elapsed = 0.0
+    if options.resume and dec_path.exists():
+        saved = _load(dec_path)
+        dec.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
+        dec_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
+        emit(f"[decoder] resumed at step {dec.step}")
+    meter, start = _Meter(), time.perf_counter()
+    while dec.step < preset.decoder.steps:
+        parts = dec.next_step()
+        meter.tick()
+        if dec.step % options.log_every == 0 or dec.step == preset.decoder.steps:
+            emit(_log_line("decoder", dec.step, preset.decoder.steps, parts, meter.rate()))
+        if dec.step % options.checkpoint_every == 0 or dec.step == preset.decoder.steps:
+            _save({"trainer": dec.state_dict(), "elapsed_s": dec_elapsed + time.perf_counter() - start}, dec_path)
+    dec_elapsed += time.perf_counter() - start
+    if dec.step:
+        ae.model.eval()
+        ae_psnr = psnr(ae.model, held_out)
+        emit(f"[decoder] held-out PSNR after the decoder fine-tune {ae_psnr:.2f} dB")
+        if DEFAULT_WEIGHTS.is_file():
+            judged = judge_scenes(reconstruct(ae.model, held_out).cpu())
+            report = accuracy_report([parse_caption(c) for c in held_captions], judged)
+            ae_judge = {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
+            emit(f"[decoder] judge on held-out reconstructions: {ae_judge}")
+
     # ---------------------------------------------------------------- export
     unet_sd, text_sd = ldm.ema_weights()
     metadata: dict[str, object] = {
@@ -224,12 +261,24 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             "ldm_batch_size": preset.diffusion.batch_size,
             "ldm_lr": preset.diffusion.lr,
             "uncond_prob": preset.diffusion.uncond_prob,
+            "min_snr_gamma": preset.diffusion.min_snr_gamma,
             "ema_decay": preset.diffusion.ema_decay,
             "ema_updates": ldm.ema.num_updates,
+            "decoder_finetune_steps": dec.step,
+            "decoder_finetune_batch_size": preset.decoder.batch_size,
+            "decoder_finetune_lr": preset.decoder.lr,
+            "decoder_finetune_latent_noise": preset.decoder.latent_noise,
         },
         "ae_psnr_db": round(ae_psnr, 3),
+        "ae_psnr_db_before_decoder_finetune": round(stage1_psnr, 3),
+        "ae_judge_before_decoder_finetune": stage1_judge,
         "ae_judge_on_reconstructions": ae_judge,
-        "wall_time_s": round(ae_elapsed + ldm_elapsed, 1),
+        "wall_time_s": round(ae_elapsed + ldm_elapsed + dec_elapsed, 1),
+        "stage_seconds": {
+            "autoencoder": round(ae_elapsed, 1),
+            "diffusion": round(ldm_elapsed, 1),
+            "decoder_finetune": round(dec_elapsed, 1),
+        },
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": options.device,
@@ -243,6 +292,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         cond_stage=text_sd,
         scale_factor=ldm.scale_factor,
         metadata=metadata,
+        stem=options.stem,
         fp16=options.fp16,
     )
     emit(f"[export] {exported.checkpoint} ({exported.checkpoint.stat().st_size / 1e6:.1f} MB)")

@@ -268,3 +268,38 @@ def test_cli_writes_the_export(tmp_path: Path) -> None:
     assert '"ldm_steps": 1' in meta and "--preset smoke" in meta
     assert (out / "cli-model.safetensors").is_file() and (out / "cli-model.yaml").is_file()
     assert (out / "train_state" / "diffusion.pt").is_file()
+
+
+# ------------------------------------------------------------------ decoder fine-tune (stage 3)
+
+
+def test_decoder_finetune_trains_only_the_decoder_and_resumes_exactly() -> None:
+    from ldm.training.autoencoder import DecoderFinetuneConfig, DecoderFinetuner
+
+    cfg = DecoderFinetuneConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1)
+    ae = ae_trainer().model
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    tuner = DecoderFinetuner(ae, cfg, seed=0, data_seed=3)
+    tuner.next_step()
+    tuner.next_step()
+    after = ae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)  # the latent space is unchanged
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+    # resume from the saved state == an uninterrupted run
+    saved = roundtrip(tuner.state_dict())
+    tuner.next_step()
+    tuner.next_step()
+    straight = {k: v.clone() for k, v in ae.state_dict().items()}
+    other = ae_trainer().model
+    resumed = DecoderFinetuner(other, cfg, seed=0, data_seed=3)
+    resumed.load_state_dict(saved)
+    resumed.next_step()
+    resumed.next_step()
+    assert all(torch.equal(straight[k], v) for k, v in other.state_dict().items())
+
+    with pytest.raises(ValueError, match="does not fit"):
+        resumed.load_state_dict({**saved, "decoder": {"decoder.bogus": torch.zeros(1)}})

@@ -1,4 +1,6 @@
-"""Worker logic (batching, isolation, cancel, recovery) on a real Redis with a stand-in pipeline.
+"""Worker logic (request batching, isolation, cancel, recovery) on a real Redis with a stand-in pipeline.
+
+Continuous batching (the default) has its own tests in tests/unit/test_worker_continuous.py.
 
 The stand-in keeps these tests torch-free and fast; the real model runs in tests/integration.
 """
@@ -25,7 +27,7 @@ def settings() -> Settings:
     url = redis_for_tests()
     require_redis(url)
     return Settings(
-        redis_url=url, redis_prefix="wt", batch_window_ms=0, max_batch_rows=8, warmup=False,
+        redis_url=url, redis_prefix="wt", batch_window_ms=0, max_batch_rows=8, warmup=False, batching="request",
         heartbeat_interval_s=0.2, heartbeat_ttl_s=0.5, max_attempts=2, queue_ttl_s=60,
     )
 
