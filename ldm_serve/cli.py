@@ -121,6 +121,23 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Export the UNet and decoder to ONNX (for trtexec; docs/tensorrt.md)."""
+    from ldm.backends.onnx_export import check_pipeline_onnx, export_pipeline_onnx  # lazy: imports torch
+
+    pipe = _load(args)
+    paths = export_pipeline_onnx(
+        pipe, args.out, width=args.width, height=args.height, exporter=args.exporter, opset=args.opset,
+        keyed=False,
+    )  # fmt: skip
+    for path in (paths.unet, paths.decoder, paths.meta):
+        print(path)
+    if args.check:
+        for part, err in check_pipeline_onnx(pipe, paths).items():
+            print(f"{part}: onnxruntime vs eager, max relative error {err:.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--image", required=True)
     inp.add_argument("--mask", required=True, help="white = repaint; same size as the image")
     inp.set_defaults(func=_cmd_inpaint)
+
+    onnx = sub.add_parser("export-onnx", help="export the UNet and decoder to ONNX (for TensorRT's trtexec)")
+    onnx.add_argument("--model", "--checkpoint", dest="checkpoint", help="checkpoint file or diffusers folder "
+                      "(default: the bundled model)")
+    onnx.add_argument("--config", help="original YAML config (default: beside the checkpoint, or inferred)")
+    onnx.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
+    onnx.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use model_ema.* weights")
+    onnx.add_argument("--device", default="cpu")
+    onnx.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    onnx.add_argument("--out", required=True, help="folder for unet.onnx, decoder.onnx and model.json")
+    onnx.add_argument("--width", type=int, default=None, help="image width the files are for (default: the model's)")
+    onnx.add_argument("--height", type=int, default=None)
+    onnx.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    onnx.add_argument("--opset", type=int, default=None)
+    onnx.add_argument("--check", action="store_true", help="run both files with onnxruntime and compare with eager")
+    onnx.set_defaults(func=_cmd_export_onnx)
 
     try:
         from ldm_serve.serving_cli import add_serving_commands

@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     batch_invariant: bool | None = Field(
         default=None, description="UNet one row at a time (bit-identical batched images); default: on for CPU"
     )
+    backend: Literal["eager", "torchscript", "inductor", "cudagraphs", "tensorrt"] = Field(
+        default="eager",
+        description="how the worker runs the UNet and decoder (ldm/backends); compiled before the worker is ready",
+    )
+    compile_cache_dir: Path | None = Field(
+        default=None, description="compiled artifacts kept between restarts (default: ~/.cache/ldm-serve/compiled)"
+    )
+    batch_buckets: tuple[int, ...] = Field(
+        default=(1, 2, 4, 8, 16), description="cudagraphs/tensorrt: UNet batch sizes to capture (rows; padded to)"
+    )
     max_batch_rows: int = Field(default=8, ge=1)
     batch_window_ms: int = Field(
         default=50, ge=0, description="request batching: how long to gather compatible jobs"

@@ -59,6 +59,17 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
     pipeline = load_pipeline(
         path, device=settings.device, dtype=getattr(torch, settings.dtype), batch_invariant=settings.batch_invariant
     )
+    if settings.backend != "eager":
+        from ldm.backends import apply_backend
+        from ldm_serve.models import cache_dir as default_cache_dir
+
+        report = apply_backend(
+            pipeline,
+            settings.backend,
+            cache_dir=settings.compile_cache_dir or default_cache_dir() / "compiled",
+            buckets=settings.batch_buckets,
+        )
+        log.info("backend %s ready: %s", settings.backend, report.summary())
     if getattr(pipeline, "untrained", False):
         log.warning("=" * 72)
         log.warning("UNTRAINED MODEL %r: images are noise. Pass --model PATH for real output.", pipeline.name)
