@@ -24,9 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from ldm.autoencoder import AutoencoderKL
 from ldm.data.judge import DEFAULT_WEIGHTS, accuracy_report, judge_scenes
 from ldm.data.shapes import parse_caption, write_vocab
 from ldm.tokenizers import BertTokenizer
@@ -120,6 +122,61 @@ def _log_line(stage: str, step: int, total: int, parts: dict[str, float], its: f
     return f"[{stage}] step {step}/{total} {fields} | {its:.3f} it/s ({1 / its if its else 0:.2f} s/step) eta {eta / 60:.1f} min"
 
 
+class _Trainer(Protocol):
+    """What every stage's trainer offers the loop below."""
+
+    step: int
+
+    def next_step(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, object]: ...
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
+
+
+def _resume(trainer: _Trainer, path: Path, tag: str, options: RunOptions, emit: Callable[[str], None]) -> float:
+    """Load ``path`` into ``trainer`` when resuming; returns the seconds the stage had already run."""
+    if not (options.resume and path.exists()):
+        return 0.0
+    saved = _load(path)
+    trainer.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
+    emit(f"[{tag}] resumed at step {trainer.step}")
+    return float(saved["elapsed_s"])  # type: ignore[arg-type]
+
+
+def _train(
+    trainer: _Trainer,
+    tag: str,
+    total: int,
+    path: Path,
+    elapsed: float,
+    options: RunOptions,
+    emit: Callable[[str], None],
+    after_step: Callable[[], None] | None = None,
+) -> float:
+    """Step ``trainer`` up to ``total``, logging and saving its state; returns the stage's seconds so far."""
+    meter, start = _Meter(), time.perf_counter()
+    while trainer.step < total:
+        parts = trainer.next_step()
+        meter.tick()
+        if after_step is not None:
+            after_step()
+        if trainer.step % options.log_every == 0 or trainer.step == total:
+            emit(_log_line(tag, trainer.step, total, parts, meter.rate()))
+        if trainer.step % options.checkpoint_every == 0 or trainer.step == total:
+            _save({"trainer": trainer.state_dict(), "elapsed_s": elapsed + time.perf_counter() - start}, path)
+    return elapsed + time.perf_counter() - start
+
+
+def _judge_reconstructions(ae: AutoencoderKL, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """What the judge reads in ``ae``'s reconstructions of held-out scenes ({} without judge weights).
+
+    The diffusion model cannot draw better than its decoder, so this bounds its scores.
+    """
+    if not DEFAULT_WEIGHTS.is_file():
+        return {}
+    report = accuracy_report([parse_caption(c) for c in captions], judge_scenes(reconstruct(ae, images).cpu()))
+    return {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
+
+
 def run_training(options: RunOptions, log: Callable[[str], None] | None = None) -> ExportedModel:
     """Train (or continue) both stages as ``options`` says, then export; returns the export's paths.
 
@@ -146,35 +203,19 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     ae = AutoencoderTrainer(
         model.first_stage, preset.autoencoder, seed=options.seed, data_seed=options.data_seed, device=options.device
     )
-    ae_elapsed = 0.0
-    if options.resume and ae_path.exists():
-        saved = _load(ae_path)
-        ae.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
-        ae_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
-        emit(f"[ae] resumed at step {ae.step}")
-    ae_final = ldm_path.exists() and options.resume
-    if ae_final and ae.step < preset.autoencoder.steps:
-        emit(f"[ae] a diffusion state exists: keeping the autoencoder at step {ae.step}")
-    meter, start = _Meter(), time.perf_counter()
-    while not ae_final and ae.step < preset.autoencoder.steps:
-        parts = ae.next_step()
-        meter.tick()
-        if ae.step % options.log_every == 0 or ae.step == preset.autoencoder.steps:
-            emit(_log_line("ae", ae.step, preset.autoencoder.steps, parts, meter.rate()))
-        if ae.step % options.checkpoint_every == 0 or ae.step == preset.autoencoder.steps:
-            _save({"trainer": ae.state_dict(), "elapsed_s": ae_elapsed + time.perf_counter() - start}, ae_path)
-    ae_elapsed += time.perf_counter() - start if not ae_final else 0.0
+    ae_elapsed = _resume(ae, ae_path, "ae", options, emit)
+    if ldm_path.exists() and options.resume:  # a diffusion state exists: the autoencoder is final
+        if ae.step < preset.autoencoder.steps:
+            emit(f"[ae] a diffusion state exists: keeping the autoencoder at step {ae.step}")
+    else:
+        ae_elapsed = _train(ae, "ae", preset.autoencoder.steps, ae_path, ae_elapsed, options, emit)
     held_out, held_captions = scene_batch(options.data_seed + HELD_OUT_OFFSET, 0, preset.eval_scenes)
     ae.model.eval()
     ae_psnr = psnr(ae.model, held_out)
     emit(f"[ae] held-out PSNR {ae_psnr:.2f} dB on {preset.eval_scenes} scenes")
     stage1_psnr = ae_psnr
-    # The diffusion model cannot draw better than its decoder: what does the judge read in reconstructions?
-    ae_judge: dict[str, float] = {}
-    if DEFAULT_WEIGHTS.is_file():
-        judged = judge_scenes(reconstruct(ae.model, held_out).cpu())
-        report = accuracy_report([parse_caption(c) for c in held_captions], judged)
-        ae_judge = {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
+    ae_judge = _judge_reconstructions(ae.model, held_out, held_captions)
+    if ae_judge:
         emit(f"[ae] judge on held-out reconstructions: {ae_judge}")
     stage1_judge = dict(ae_judge)
 
@@ -188,23 +229,15 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         data_seed=options.data_seed,
         device=options.device,
     )
-    ldm_elapsed = 0.0
-    if options.resume and ldm_path.exists():
-        saved = _load(ldm_path)
-        ldm.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
-        ldm_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
-        emit(f"[ldm] resumed at step {ldm.step}")
-    meter, start = _Meter(), time.perf_counter()
-    while ldm.step < preset.diffusion.steps:
-        parts = ldm.next_step()
-        meter.tick()
+    ldm_elapsed = _resume(ldm, ldm_path, "ldm", options, emit)
+
+    def report_scale_factor() -> None:
         if ldm.step == 1:
             emit(f"[ldm] scale_factor = 1/std(first latent batch) = {ldm.scale_factor:.6g}")
-        if ldm.step % options.log_every == 0 or ldm.step == preset.diffusion.steps:
-            emit(_log_line("ldm", ldm.step, preset.diffusion.steps, parts, meter.rate()))
-        if ldm.step % options.checkpoint_every == 0 or ldm.step == preset.diffusion.steps:
-            _save({"trainer": ldm.state_dict(), "elapsed_s": ldm_elapsed + time.perf_counter() - start}, ldm_path)
-    ldm_elapsed += time.perf_counter() - start
+
+    ldm_elapsed = _train(
+        ldm, "ldm", preset.diffusion.steps, ldm_path, ldm_elapsed, options, emit, after_step=report_scale_factor
+    )
     if ldm.scale_factor is None:  # zero diffusion steps: still export a loadable model
         first_images, _ = ldm.batch(0)
         ldm.set_scale_factor(ldm.encode(first_images, torch.Generator().manual_seed(options.seed)))
@@ -218,29 +251,14 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         data_seed=options.data_seed,
         latent_std=1.0 / ldm.scale_factor,
     )
-    dec_elapsed = 0.0
-    if options.resume and dec_path.exists():
-        saved = _load(dec_path)
-        dec.load_state_dict(saved["trainer"])  # type: ignore[arg-type]
-        dec_elapsed = float(saved["elapsed_s"])  # type: ignore[arg-type]
-        emit(f"[decoder] resumed at step {dec.step}")
-    meter, start = _Meter(), time.perf_counter()
-    while dec.step < preset.decoder.steps:
-        parts = dec.next_step()
-        meter.tick()
-        if dec.step % options.log_every == 0 or dec.step == preset.decoder.steps:
-            emit(_log_line("decoder", dec.step, preset.decoder.steps, parts, meter.rate()))
-        if dec.step % options.checkpoint_every == 0 or dec.step == preset.decoder.steps:
-            _save({"trainer": dec.state_dict(), "elapsed_s": dec_elapsed + time.perf_counter() - start}, dec_path)
-    dec_elapsed += time.perf_counter() - start
+    dec_elapsed = _resume(dec, dec_path, "decoder", options, emit)
+    dec_elapsed = _train(dec, "decoder", preset.decoder.steps, dec_path, dec_elapsed, options, emit)
     if dec.step:
         ae.model.eval()
         ae_psnr = psnr(ae.model, held_out)
         emit(f"[decoder] held-out PSNR after the decoder fine-tune {ae_psnr:.2f} dB")
-        if DEFAULT_WEIGHTS.is_file():
-            judged = judge_scenes(reconstruct(ae.model, held_out).cpu())
-            report = accuracy_report([parse_caption(c) for c in held_captions], judged)
-            ae_judge = {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
+        ae_judge = _judge_reconstructions(ae.model, held_out, held_captions)
+        if ae_judge:
             emit(f"[decoder] judge on held-out reconstructions: {ae_judge}")
 
     # ---------------------------------------------------------------- export
