@@ -3,10 +3,16 @@
 Modes (each through ``LatentDiffusionPipeline.generate``, so text encoding,
 sampling with classifier-free guidance and decoding are all counted):
 
-* ``eager-batched``: one UNet call over all 16 rows (8 images x cond/uncond) per step;
-* ``eager-row-serial``: the CPU serving default (``batch_invariant=True``): the
-  UNet, text encoder and decoder run one row at a time so that an image does not
-  depend on its batch-mates;
+* ``eager-batched``: one UNet call over all 16 rows (8 images x cond/uncond) per
+  step, with all of torch's threads (``core_workers=1``);
+* ``eager-row-serial``: ``batch_invariant=True`` with ``core_workers=1``: the UNet,
+  text encoder and decoder run one row at a time so that an image does not depend
+  on its batch-mates;
+* ``eager-row-parallel``: the CPU serving default: batch-invariant rows run side by
+  side on one-core threads (``core_workers`` = torch's threads, :mod:`ldm.engine.core_pool`);
+* ``eager-sharded``: not batch-invariant; the batch split into one shard per core;
+* ``torchscript-row-parallel`` / ``torchscript-sharded``: the same on the
+  ``torchscript`` backend (``LDM_BACKEND=torchscript``);
 * ``inductor-batched``: the UNet and decoder under ``torch.compile`` (compile time
   reported separately; the timed runs are after warm-up).
 
@@ -23,11 +29,13 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ldm.backends import apply_backend
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm_serve.models import bundled_model_path
 
@@ -37,7 +45,16 @@ PROMPTS = (
     "a big green triangle in the centre, on a gray background",
     "a small purple square above a big orange circle, on a brown background",
 )
-MODES = ("eager-batched", "eager-row-serial", "inductor-batched")
+# mode -> (backend, batch_invariant, pooled: core_workers = torch's threads instead of 1)
+MODES: dict[str, tuple[str, bool, bool]] = {
+    "eager-batched": ("eager", False, False),
+    "eager-row-serial": ("eager", True, False),
+    "eager-row-parallel": ("eager", True, True),
+    "eager-sharded": ("eager", False, True),
+    "torchscript-row-parallel": ("torchscript", True, True),
+    "torchscript-sharded": ("torchscript", False, True),
+    "inductor-batched": ("inductor", False, False),
+}
 
 
 def _rows(batch: int, steps: int, guidance: float) -> list[GenerationRow]:
@@ -52,17 +69,21 @@ def _compile(pipe: LatentDiffusionPipeline) -> None:
 
 def run_mode(model: Path, mode: str, batch: int, steps: int, guidance: float, repeats: int) -> dict[str, object]:
     """Time ``repeats`` generate() calls (after a warm-up call) in one mode."""
-    pipe = load_pipeline(model)
-    pipe.batch_invariant = mode == "eager-row-serial"
+    backend, invariant, pooled = MODES[mode]
+    workers = torch.get_num_threads() if pooled else 1
+    pipe = load_pipeline(model, batch_invariant=invariant, core_workers=workers)
     rows = _rows(batch, steps, guidance)
     size = pipe.default_size
     compile_s = 0.0
-    if mode.startswith("inductor"):
+    if backend == "inductor":
         _compile(pipe)
+    elif backend == "torchscript":
+        with tempfile.TemporaryDirectory() as cache:
+            compile_s = apply_backend(pipe, backend, cache_dir=Path(cache)).seconds
     start = time.perf_counter()
     pipe.generate(rows, size, size)  # warm-up (and compilation)
     warmup_s = time.perf_counter() - start
-    if mode.startswith("inductor"):
+    if backend == "inductor":
         compile_s = warmup_s
     times = []
     for _ in range(repeats):
@@ -72,6 +93,7 @@ def run_mode(model: Path, mode: str, batch: int, steps: int, guidance: float, re
     median = statistics.median(times)
     return {
         "mode": mode,
+        "core_workers": workers,
         "batch": batch,
         "steps": steps,
         "guidance": guidance,
@@ -91,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--markdown", action="store_true", help="print table rows instead of JSON")
     args = p.parse_args(argv)
     if args.threads:
@@ -103,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_mode(model, m, args.batch, args.steps, args.guidance, args.repeats) for m in args.modes]
     env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.markdown:
-        print(f"| mode | batch | steps | median s / batch | images/s | first call s | ({env}) |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"| mode | core workers | batch | steps | median s / batch | images/s | compile s | ({env}) |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results:
             print(
-                f"| {r['mode']} | {r['batch']} | {r['steps']} | {r['median_s']} | {r['images_per_s']} "
-                f"| {r['first_call_s']} | |"
+                f"| {r['mode']} | {r['core_workers']} | {r['batch']} | {r['steps']} | {r['median_s']} "
+                f"| {r['images_per_s']} | {r['compile_s']} | |"
             )
     else:
         print(json.dumps({"env": env, "results": results}, indent=2))

@@ -34,13 +34,14 @@ from PIL import Image
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
 from ldm.denoiser import GuidedDenoiser, RowSerialUNet, UNetCallable
+from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, shared_core_pool
 from ldm.engine.ddim import row_coefficients
 from ldm.engine.padding import PaddedUNet
 from ldm.engine.rows import PreparedRow
 from ldm.loader import LoadedModel, load_model
 from ldm.sampling import MaskBlend, StepState, sample_ddim
 from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
-from ldm_serve.errors import InvalidInput
+from ldm_serve.errors import ConfigError, InvalidInput
 
 __all__ = [
     "GenerationResult",
@@ -112,6 +113,12 @@ class LatentDiffusionPipeline:
             bit-identical alone or batched (``None``: on for CPU, where oneDNN/MKL
             round differently per batch size; off for CUDA until batch-invariant
             kernels land there).
+        core_workers: CPU only: run the UNet, text encoder and decoder on this many
+            threads of one core each, over rows (batch-invariant) or shards of the
+            batch (see :mod:`ldm.engine.core_pool`); ``None``: torch's thread count;
+            1: one call per row / batch in the calling thread with all its threads.
+            A row's image depends on this setting (one-core vs multi-core kernels
+            round differently) but never on its batch-mates.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class LatentDiffusionPipeline:
         timestep_spacing: TimestepSpacing = "uniform",
         untrained: bool = False,
         batch_invariant: bool | None = None,
+        core_workers: int | None = None,
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -142,6 +150,11 @@ class LatentDiffusionPipeline:
         self._alphas_cumprod = model.alphas_cumprod.to(torch.float32)
         self._alphas_device = self._alphas_cumprod.to(self.device)
         self.batch_invariant = self.device.type == "cpu" if batch_invariant is None else batch_invariant
+        workers = default_core_workers(self.device) if core_workers is None else core_workers
+        if workers < 1:
+            raise ConfigError(f"core_workers must be >= 1, got {workers}")
+        use_pool = workers > 1 and self.device.type == "cpu"
+        self.core_pool: CorePool | None = shared_core_pool(workers) if use_pool else None
 
     # ------------------------------------------------------------------ validation
 
@@ -253,9 +266,15 @@ class LatentDiffusionPipeline:
         """``[N, L, D]`` cross-attention context for ``prompts``."""
         assert self.model.tokenizer is not None and self.model.cond_stage is not None
         ids = self.model.tokenizer(list(prompts)).to(self.device)  # [N, L]
+        return self._batched(self.model.cond_stage, ids).to(self.dtype)  # [N, L, D]
+
+    def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` over rows: per row when ``batch_invariant``, on the core pool when there is one."""
+        if self.core_pool is not None:
+            return self.core_pool.map_batch(lambda s: fn(x[s]), x.shape[0], per_row=self.batch_invariant)
         if self.batch_invariant:
-            return torch.cat([self.model.cond_stage(ids[i : i + 1]) for i in range(ids.shape[0])]).to(self.dtype)
-        return self.model.cond_stage(ids).to(self.dtype)
+            return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
+        return fn(x)
 
     def _conditioning(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | None]:
         guided = [r.guidance_scale != 1.0 for r in rows]
@@ -302,11 +321,7 @@ class LatentDiffusionPipeline:
     def decode_latents(self, z: torch.Tensor) -> list[Image.Image]:
         """``[N, C, h, w]`` scaled latents -> PIL images (``clamp((x + 1) / 2)``, rounded to uint8)."""
         z = (z / self.model.scale_factor).to(self.dtype)
-        fs = self.model.first_stage
-        if self.batch_invariant:
-            x = torch.cat([fs.decode(z[i : i + 1]) for i in range(z.shape[0])]).float()
-        else:
-            x = fs.decode(z).float()
+        x = self._batched(self.model.first_stage.decode, z).float()  # [N, 3, H, W]
         x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
         arr = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
@@ -364,8 +379,11 @@ class LatentDiffusionPipeline:
         )
 
     def sampling_unet(self) -> UNetCallable:
-        """The UNet as the sampler calls it: one row at a time when ``batch_invariant``."""
-        return RowSerialUNet(self.model.unet) if self.batch_invariant else self.model.unet
+        """The UNet as the sampler calls it: per row when ``batch_invariant``, sharded over the core pool."""
+        unet = self.model.unet
+        if self.core_pool is not None:
+            return ShardedUNet(unet, self.core_pool, per_row=self.batch_invariant)
+        return RowSerialUNet(unet) if self.batch_invariant else unet
 
     def make_denoiser(
         self,
@@ -659,6 +677,7 @@ def load_pipeline(
     name: str | None = None,
     timestep_spacing: TimestepSpacing = "uniform",
     batch_invariant: bool | None = None,
+    core_workers: int | None = None,
 ) -> LatentDiffusionPipeline:
     """Load a checkpoint (original single file or diffusers folder) into a pipeline.
 
@@ -672,7 +691,7 @@ def load_pipeline(
             ``vocab.txt`` (BERT); default ``tokenizer/`` beside the checkpoint.
         name: model id; default from ``<stem>.json`` or the file stem.
         timestep_spacing: DDIM discretization, ``"uniform"`` as in the original code.
-        batch_invariant: see :class:`LatentDiffusionPipeline`.
+        batch_invariant, core_workers: see :class:`LatentDiffusionPipeline`.
     """
     path = Path(path)
     model = load_model(
@@ -686,4 +705,5 @@ def load_pipeline(
         timestep_spacing=timestep_spacing,
         untrained=bool(meta.get("untrained", False)),
         batch_invariant=batch_invariant,
+        core_workers=core_workers,
     )

@@ -70,9 +70,16 @@ class Settings(BaseSettings):
     batch_invariant: bool | None = Field(
         default=None, description="UNet one row at a time (bit-identical batched images); default: on for CPU"
     )
-    backend: Literal["eager", "torchscript", "inductor", "cudagraphs", "tensorrt"] = Field(
-        default="eager",
-        description="how the worker runs the UNet and decoder (ldm/backends); compiled before the worker is ready",
+    core_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU: run UNet rows / batch shards on this many one-core threads (default: torch's thread count;"
+        " 1 = one call at a time with every thread)",
+    )
+    backend: Literal["auto", "eager", "torchscript", "inductor", "cudagraphs", "tensorrt"] = Field(
+        default="auto",
+        description="how the worker runs the UNet and decoder (ldm/backends); compiled before the worker is ready."
+        " auto: torchscript on CPU (eager if tracing fails), eager on GPUs",
     )
     compile_cache_dir: Path | None = Field(
         default=None, description="compiled artifacts kept between restarts (default: ~/.cache/ldm-serve/compiled)"

@@ -57,19 +57,32 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
     import torch
 
     pipeline = load_pipeline(
-        path, device=settings.device, dtype=getattr(torch, settings.dtype), batch_invariant=settings.batch_invariant
+        path,
+        device=settings.device,
+        dtype=getattr(torch, settings.dtype),
+        batch_invariant=settings.batch_invariant,
+        core_workers=settings.core_workers,
     )
-    if settings.backend != "eager":
+    from ldm.backends import resolve_backend
+
+    backend = resolve_backend(settings.backend, pipeline.device)
+    if backend != "eager":
         from ldm.backends import apply_backend
         from ldm_serve.models import cache_dir as default_cache_dir
 
-        report = apply_backend(
-            pipeline,
-            settings.backend,
-            cache_dir=settings.compile_cache_dir or default_cache_dir() / "compiled",
-            buckets=settings.batch_buckets,
-        )
-        log.info("backend %s ready: %s", settings.backend, report.summary())
+        try:
+            report = apply_backend(
+                pipeline,
+                backend,
+                cache_dir=settings.compile_cache_dir or default_cache_dir() / "compiled",
+                buckets=settings.batch_buckets,
+            )
+        except Exception as exc:  # noqa: BLE001 - only the automatic choice falls back
+            if settings.backend != "auto":
+                raise
+            log.warning("backend auto: %s failed (%s: %s); running eager", backend, type(exc).__name__, exc)
+        else:
+            log.info("backend %s ready: %s", backend, report.summary())
     if getattr(pipeline, "untrained", False):
         log.warning("=" * 72)
         log.warning("UNTRAINED MODEL %r: images are noise. Pass --model PATH for real output.", pipeline.name)
@@ -99,6 +112,7 @@ class Worker:
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.store = JobStore(connect(settings), settings)
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.metrics.export_backend_padding(pipeline)
         self.webhooks = WebhookEmitter(
             self.store, settings, on_enqueue=lambda ev: self.metrics.webhooks_enqueued.labels(ev).inc()
         )

@@ -6,6 +6,8 @@ name, ``_total`` counters, and only bounded labels (model, status, result).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # x2 geometric buckets from 5 ms to ~20 min: covers a CPU step and a long queue wait.
@@ -86,3 +88,19 @@ class WorkerMetrics:
             "ldm_webhook_events_enqueued_total", "Webhook events put on the delivery queue", ["event"],
             registry=registry,
         )
+
+    def export_backend_padding(self, pipeline: Any) -> bool:
+        """Count the rows a bucketed backend pads (cudagraphs, tensorrt) in ``ldm_engine_padded_rows_total``.
+
+        Those backends pad inside the compiled UNet / decoder, below the engine, and
+        count into the :class:`~ldm.backends.base.PaddedRowCounter` of the compiled
+        UNet; this subscribes the Prometheus counter to it. Returns False when the
+        pipeline's UNet pads nothing (eager, torchscript, inductor).
+        """
+        unet = getattr(getattr(pipeline, "model", None), "unet", None)
+        counter = getattr(unet, "padded_rows", None)
+        if counter is None or not hasattr(counter, "subscribe"):
+            return False
+        child = self.engine_padded_rows.labels(pipeline.name)
+        counter.subscribe(lambda rows: child.inc(rows))
+        return True

@@ -21,6 +21,7 @@ from ldm.backends.base import (
     PaddedRowCounter,
     UNetShapes,
     check_backend,
+    resolve_backend,
 )
 from ldm.backends.compile import DEFAULT_BUCKETS, compile_decoder, compile_unet, example_unet_inputs
 
@@ -39,4 +40,5 @@ __all__ = [
     "compile_decoder",
     "compile_unet",
     "example_unet_inputs",
+    "resolve_backend",
 ]

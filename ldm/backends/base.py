@@ -33,6 +33,7 @@ __all__ = [
     "UNetShapes",
     "check_backend",
     "check_device_dtype",
+    "resolve_backend",
     "unet_input_names",
 ]
 
@@ -41,6 +42,15 @@ BackendName = Literal["eager", "torchscript", "inductor", "cudagraphs", "tensorr
 (inductor), bucketed CUDA graphs, or TensorRT through torch-tensorrt."""
 
 BACKENDS: tuple[str, ...] = get_args(BackendName)
+
+
+def resolve_backend(name: str, device: torch.device) -> BackendName:
+    """The backend a setting means on ``device``: ``"auto"`` is ``torchscript`` on the CPU
+    (the fastest we measured there, ``docs/benchmarks.md``) and ``eager`` elsewhere; any
+    other name is checked and returned."""
+    if name == "auto":
+        return "torchscript" if device.type == "cpu" else "eager"
+    return check_backend(name)
 
 
 def check_backend(name: str) -> BackendName:
@@ -103,11 +113,20 @@ class PaddedRowCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._value = 0
+        self._listeners: list[Callable[[int], None]] = []
+
+    def subscribe(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(rows)`` on every later :meth:`add` (the worker's Prometheus counter)."""
+        with self._lock:
+            self._listeners.append(listener)
 
     def add(self, rows: int) -> None:
         if rows:
             with self._lock:
                 self._value += rows
+                listeners = list(self._listeners)
+            for listener in listeners:
+                listener(rows)
 
     @property
     def value(self) -> int:

@@ -335,10 +335,72 @@ def test_worker_load_model_compiles_the_backend_from_settings(tmp_path: Path) ->
     from worker.main import load_model
 
     ckpt = write_random_model(tmp_path / "model")
-    eager = load_model(Settings(model_path=ckpt))
+    eager = load_model(Settings(model_path=ckpt, backend="eager"))
+    assert not isinstance(eager.model.unet, CompiledUNet)
     compiled = load_model(Settings(model_path=ckpt, backend="torchscript", compile_cache_dir=tmp_path / "cache"))
     assert any((tmp_path / "cache").rglob("*")), "no compiled artifact was cached"
     row = GenerationRow("a red circle", 3, "", 4, 5.0, 0.0)
     (a,) = eager.generate([row], eager.default_size, eager.default_size)
     (b,) = compiled.generate([row], compiled.default_size, compiled.default_size)
     assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_worker_exports_rows_padded_inside_a_bucketed_backend() -> None:
+    """Rows a bucketed backend pads below the engine reach ``ldm_engine_padded_rows_total``."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics import WorkerMetrics
+
+    unet = make_unet()
+    counter = PaddedRowCounter()
+    runner = BucketedRunner(lambda size, example: PaddingRunner(UNetCall(unet), size), buckets=(4,), counter=counter)
+    compiled = CompiledUNet(unet, runner, backend="cudagraphs", padded_rows=counter)
+    pipeline = SimpleNamespace(name="m", model=SimpleNamespace(unet=compiled))
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    assert metrics.export_backend_padding(pipeline)
+    with torch.no_grad():
+        for rows in (3, 1, 4):
+            x, t, c = example_unet_inputs(unet, UNetShapes(rows, 8, 8, 5), torch.device("cpu"), torch.float32)
+            assert compiled(x, t, context=c).shape[0] == rows
+    assert registry.get_sample_value("ldm_engine_padded_rows_total", {"model": "m"}) == 1 + 3 + 0
+    eager = SimpleNamespace(name="m", model=SimpleNamespace(unet=unet))
+    assert not WorkerMetrics(CollectorRegistry()).export_backend_padding(eager)
+
+
+def test_resolve_backend_auto_by_device() -> None:
+    from ldm.backends import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torchscript"
+    assert resolve_backend("auto", torch.device("cuda")) == "eager"
+    assert resolve_backend("inductor", torch.device("cpu")) == "inductor"
+    with pytest.raises(ConfigError, match="unknown execution backend"):
+        resolve_backend("fast", torch.device("cpu"))
+
+
+def test_worker_default_backend_is_torchscript_on_cpu_and_falls_back_to_eager(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``LDM_BACKEND`` unset (auto): the CPU worker traces; if tracing fails it runs eager and says so."""
+    import ldm.backends
+    from ldm.random_model import write_random_model
+    from ldm_serve.settings import Settings
+    from worker.main import load_model
+
+    ckpt = write_random_model(tmp_path / "model")
+    assert Settings().backend == "auto"
+    pipe = load_model(Settings(model_path=ckpt, compile_cache_dir=tmp_path / "cache"))
+    assert isinstance(pipe.model.unet, CompiledUNet) and pipe.model.unet.backend == "torchscript"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr(ldm.backends, "apply_backend", broken)
+    with caplog.at_level("WARNING", logger="ldm_serve.worker"):
+        fallback = load_model(Settings(model_path=ckpt, compile_cache_dir=tmp_path / "cache"))
+    assert not isinstance(fallback.model.unet, CompiledUNet)
+    assert "backend auto: torchscript failed (RuntimeError: tracing failed); running eager" in caplog.text
+    with pytest.raises(RuntimeError, match="tracing failed"):  # a backend asked for by name never falls back
+        load_model(Settings(model_path=ckpt, backend="torchscript", compile_cache_dir=tmp_path / "cache"))

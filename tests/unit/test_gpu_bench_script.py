@@ -7,28 +7,22 @@ No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 pytestmark = pytest.mark.slow  # builds two pipelines and runs a few 2-step generations
 
 pytest.importorskip("diffusers")
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "gpu_bench.py"
 TINY = ["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--step-iters", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu/gpu_bench.py")
 
 
 def table_between_markers(text: str) -> str:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("load_bench", ROOT / "bench" / "load_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["load_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/load_bench.py")
 
 
 class FakeClient:

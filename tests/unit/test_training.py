@@ -254,13 +254,9 @@ def test_export_holds_the_ema_weights(tmp_path: Path, tokenizer: BertTokenizer) 
 
 
 def test_cli_writes_the_export(tmp_path: Path) -> None:
-    import importlib.util
+    from tests.scripts import load_script
 
-    script = Path(__file__).resolve().parents[2] / "tools" / "train_bundled_model.py"
-    spec = importlib.util.spec_from_file_location("train_bundled_model", script)
-    assert spec is not None and spec.loader is not None
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/train_bundled_model.py")
     out = tmp_path / "run"
     assert cli.main(["--out", str(out), "--preset", "smoke", "--ae-steps", "1", "--ldm-steps", "1",
                      "--threads", "1", "--name", "cli-model"]) == 0  # fmt: skip
