@@ -149,7 +149,8 @@ def bench_mode(mode: str, args: argparse.Namespace, model: Path, redis_url: str,
     env = dict(os.environ, PYTHONPATH=str(ROOT), LDM_REDIS_URL=redis_url, LDM_REDIS_PREFIX=f"loadbench-{mode}",
                LDM_BATCHING=mode, LDM_MAX_BATCH_ROWS=str(args.max_batch_rows),
                LDM_BATCH_WINDOW_MS=str(args.batch_window_ms), LDM_MAX_QUEUE_DEPTH="100000",
-               LDM_REDIS_SOCKET_TIMEOUT_S="60", LDM_MAX_IMAGES="1", LDM_MAX_STEPS=str(max(150, args.steps)))
+               LDM_REDIS_SOCKET_TIMEOUT_S="60", LDM_MAX_IMAGES="1", LDM_MAX_STEPS=str(max(150, args.steps)),
+               LDM_BACKEND=args.backend)
     env.pop("REDIS_URL", None)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -220,7 +221,7 @@ def report(args: argparse.Namespace, results: list[ModeResult], model: Path) -> 
         "E2E / unloaded compares with the median latency of a request sent alone.",
         "",
         f"Setup: model `{model.name}`, {args.size or 'default'} px, {args.steps} DDIM steps, guidance "
-        f"{args.guidance}, {args.output_format}, device `{args.device}`, max_batch_rows {args.max_batch_rows}, "
+        f"{args.guidance}, {args.output_format}, device `{args.device}`, backend `{args.backend}`, max_batch_rows {args.max_batch_rows}, "
         f"request-mode window {args.batch_window_ms} ms, open-loop Poisson arrivals at "
         f"{rate_text} "
         f"for {args.duration} s (seed {args.seed}); capacity from a burst of {args.burst}; "
@@ -248,6 +249,7 @@ def main() -> int:
     ap.add_argument("--model", help="checkpoint (default: the bundled model, else a tiny random one)")
     ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="continuous,request")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto", help="LDM_BACKEND of the worker (auto: torchscript on CPU)")
     ap.add_argument("--size", type=int, help="image side (default: the model's default size)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)

@@ -40,8 +40,8 @@ def test_open_loop_sends_poisson_arrivals_and_counts_failures() -> None:
 
 def test_report_gives_overhead_share_percentiles_per_mode() -> None:
     bench = _bench()
-    args = argparse.Namespace(size=64, steps=4, guidance=5.0, output_format="jpeg", device="cpu", max_batch_rows=8,
-                              batch_window_ms=50, rate=None, load=0.5, duration=10.0, seed=0, burst=4, threads=1)
+    args = argparse.Namespace(size=64, steps=4, guidance=5.0, output_format="jpeg", device="cpu", backend="auto",
+                              max_batch_rows=8, batch_window_ms=50, rate=None, load=0.5, duration=10.0, seed=0, burst=4, threads=1)
     fast = bench.ModeResult("continuous", unloaded=[bench.Sample(1.0, 0.95, 0.0)], capacity_jobs_s=2.0,
                             rate_jobs_s=1.0, loaded=[bench.Sample(1.0, 0.95, 0.01) for _ in range(10)])
     slow = bench.ModeResult("request", unloaded=[bench.Sample(1.0, 0.95, 0.0)], capacity_jobs_s=2.0,
