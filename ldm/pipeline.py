@@ -39,7 +39,7 @@ from ldm.engine.ddim import row_coefficients
 from ldm.engine.padding import PaddedUNet
 from ldm.engine.rows import PreparedRow
 from ldm.loader import LoadedModel, load_model
-from ldm.sampling import MaskBlend, StepState, sample_ddim
+from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
 from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
 from ldm_serve.errors import ConfigError, InvalidInput
 
@@ -573,8 +573,7 @@ class LatentDiffusionPipeline:
             cc = F.interpolate(repaint * 2.0 - 1.0, size=latent_hw, mode="nearest").to(self.device)
             return torch.cat([c, cc], dim=1), None, None
         x0 = self._encode_latent(image * 2.0 - 1.0, generator)
-        # a latent cell is regenerated if any pixel it covers is to be repainted
-        keep = 1.0 - F.adaptive_max_pool2d(repaint, latent_hw).to(self.device)
+        keep = latent_keep_mask(repaint, latent_hw).to(self.device)  # [1, 1, h, w], 1 = keep
         return None, x0, keep
 
     def _paste_known(self, row: GenerationRow, image: Image.Image) -> Image.Image:

@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ldm.engine.ddim import BlendRows, StepCoefficients, ddim_iteration, row_coefficients
 from ldm_serve.errors import InvalidInput
 
-__all__ = ["Denoiser", "MaskBlend", "StepCallback", "StepState", "sample_ddim"]
+__all__ = ["Denoiser", "MaskBlend", "StepCallback", "StepState", "latent_keep_mask", "sample_ddim"]
 
 
 class Denoiser(Protocol):
@@ -89,6 +90,29 @@ class MaskBlend:
     ) -> MaskBlend:
         """Build from a mask with **1 = repaint** (the diffusers / SD-inpaint convention)."""
         return cls(x0=x0, mask=1.0 - repaint_mask, rows=rows)
+
+
+def latent_keep_mask(repaint: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel repaint mask -> the latent **keep** mask of :class:`MaskBlend` (conservative cover).
+
+    A latent cell is kept (1) only if **none** of the pixels it covers is to be
+    repainted; a cell touching even one repaint pixel is regenerated (0). Blending
+    a cell that is partly hole would force the source content (e.g. the object being
+    replaced) into the hole, and the decoder would spread it into the repainted
+    pixels. Known pixels the cover regenerates are restored by the pixel-space paste-back.
+
+    Args:
+        repaint: ``[B, 1, H, W]`` float, 1 = repaint (binary).
+        latent_hw: ``(h, w)``, normally ``(H / f, W / f)``; with other sizes each
+            cell covers the pixels of its adaptive-pooling window.
+
+    Returns:
+        ``[B, 1, h, w]`` float32, 1 = keep, 0 = generate.
+    """
+    if repaint.ndim != 4 or repaint.shape[1] != 1:
+        raise InvalidInput("mask", f"expected a [B, 1, H, W] repaint mask, got {list(repaint.shape)}")
+    hole = F.adaptive_max_pool2d(repaint.to(torch.float32), latent_hw)  # [B, 1, h, w], 1 = any pixel repainted
+    return 1.0 - hole
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,11 @@ DOC_START, DOC_END = "<!-- bundled-eval:start -->", "<!-- bundled-eval:end -->"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the bundled model)")
-    p.add_argument("--prompts", type=int, default=200, help="text-to-image prompts (half 1 object, half 2)")
+    p.add_argument("--prompts", type=int, default=200, help="text-to-image prompts (half 1 object, half 2; 0 = skip)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0], help="guidance scales to compare")
     p.add_argument("--inpaint", type=int, default=100, help="inpainting cases (0 = skip)")
     p.add_argument("--inpaint-guidance", type=float, default=5.0)
-    p.add_argument("--real", type=int, default=1000, help="real held-out scenes to grade the judge on")
+    p.add_argument("--real", type=int, default=1000, help="real held-out scenes to grade the judge on (0 = skip)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--batch", type=int, default=8, help="rows per pipeline.generate call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -94,8 +94,15 @@ def make_inpaint(pipe: LatentDiffusionPipeline, steps: int, batch: int):  # noqa
 
 
 def _markdown(report: dict[str, object], model: Path, args: argparse.Namespace) -> str:
-    t2i = report["text2img"]
-    assert isinstance(t2i, dict)
+    """The report as the Markdown block of the model card; parts that were skipped (0 cases) are left out."""
+    lines = _text2img_markdown(report, model, args) + _judge_markdown(report) + _inpaint_markdown(report)
+    return "\n".join(lines).strip("\n")
+
+
+def _text2img_markdown(report: dict[str, object], model: Path, args: argparse.Namespace) -> list[str]:
+    t2i = report.get("text2img")
+    if not isinstance(t2i, dict):
+        return []
     lines = [
         f"Model `{model.name}`; {args.prompts} held-out prompts ({args.prompts // 2} with one object, "
         f"{args.prompts - args.prompts // 2} with two), {args.steps} DDIM steps, eta 0, seed = prompt index; "
@@ -112,26 +119,34 @@ def _markdown(report: dict[str, object], model: Path, args: argparse.Namespace) 
     lines.append(
         f"| real scenes | | | | | | | {report['frechet_real_vs_real']} (two real sets, same N: the floor) | |"
     )
-    judge = report["judge_on_real"]
-    assert isinstance(judge, dict)
-    lines += [
+    return lines
+
+
+def _judge_markdown(report: dict[str, object]) -> list[str]:
+    judge = report.get("judge_on_real")
+    if not isinstance(judge, dict):
+        return []
+    return [
         "",
         f"Judge on {int(judge['scenes'])} real held-out scenes: everything right {judge['all']:.2%}, "
         f"background {judge['background']:.2%}, shape {judge['shape']:.2%}, colour {judge['colour']:.2%}, "
         f"position {judge['position']:.2%}, size {judge['size']:.2%}.",
     ]
+
+
+def _inpaint_markdown(report: dict[str, object]) -> list[str]:
     inp = report.get("inpaint")
-    if isinstance(inp, dict):
-        lines += [
-            "",
-            f"Inpainting ({inp['cases']} held-out two-object scenes, one object's box masked, prompt asks for a "
-            f"different shape and colour there, guidance {inp['guidance']}): new object right {inp['new_object']:.1%}, "
-            f"other object kept {inp['other_object_kept']:.1%}; unmasked-region PSNR of the returned image "
-            f"(known pixels pasted back): min {inp['unmasked_psnr_returned_min_db']} dB; of the raw decoder output "
-            f"before the paste: mean {inp['unmasked_psnr_raw_mean_db']} dB, min {inp['unmasked_psnr_raw_min_db']} dB; "
-            f"{inp['seconds']} s.",
-        ]
-    return "\n".join(lines)
+    if not isinstance(inp, dict):
+        return []
+    return [
+        "",
+        f"Inpainting ({inp['cases']} held-out two-object scenes, one object's box masked, prompt asks for a "
+        f"different shape and colour there, guidance {inp['guidance']}): new object right {inp['new_object']:.1%}, "
+        f"other object kept {inp['other_object_kept']:.1%}; unmasked-region PSNR of the returned image "
+        f"(known pixels pasted back): min {inp['unmasked_psnr_returned_min_db']} dB; of the raw decoder output "
+        f"before the paste: mean {inp['unmasked_psnr_raw_mean_db']} dB, min {inp['unmasked_psnr_raw_min_db']} dB; "
+        f"{inp['seconds']} s.",
+    ]
 
 
 def _replace_between(path: Path, body: str, heading: str) -> None:
@@ -148,6 +163,9 @@ def _replace_between(path: Path, body: str, heading: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.write_docs and min(args.prompts, args.real, args.inpaint) <= 0:
+        print("--write-docs needs the whole evaluation (--prompts, --real and --inpaint above 0)", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or bundled_model_path()

@@ -134,3 +134,21 @@ def test_worker_and_up_default_to_the_bundled_model() -> None:
     assert _default_model() == bundled_model_path()
     pipeline = load_model(Settings(model_path=None))
     assert pipeline.name == "shapes-ldm-f4" and not pipeline.untrained
+
+
+def test_evaluation_script_partial_runs_render_and_refuse_docs() -> None:
+    """``--prompts 0 --real 0`` reports inpainting alone, and never overwrites the docs with a partial report."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import eval_bundled_model
+    finally:
+        sys.path.pop(0)
+    args = eval_bundled_model.parse_args(["--prompts", "0", "--real", "0", "--inpaint", "3"])
+    inp = {
+        "cases": 3, "guidance": 5.0, "new_object": 0.5, "other_object_kept": 1.0,
+        "unmasked_psnr_returned_min_db": "inf", "unmasked_psnr_raw_mean_db": 33.0,
+        "unmasked_psnr_raw_min_db": 25.0, "seconds": 1.0,
+    }  # fmt: skip
+    text = eval_bundled_model._markdown({"inpaint": inp}, Path("m.safetensors"), args)
+    assert text.startswith("Inpainting (3 held-out") and "| guidance |" not in text and "Judge on" not in text
+    assert eval_bundled_model.main(["--prompts", "0", "--real", "0", "--write-docs"]) == 2

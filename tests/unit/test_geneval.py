@@ -112,6 +112,17 @@ def test_oracle_model_scores_high_and_blank_model_scores_zero() -> None:
     assert "inpaint" not in bad
 
 
+def test_zero_counts_skip_their_part() -> None:
+    """``prompts=0`` / ``real_count=0`` run the inpainting part alone (the eval tool's ``--prompts 0 --real 0``)."""
+
+    def never(prompts: Sequence[str], seeds: Sequence[int], guidance: float) -> list[Image.Image]:
+        raise AssertionError("text-to-image must not run with prompts=0")
+
+    only = evaluate(never, _oracle_inpaint, prompts=0, inpaint_count=4, real_count=0)
+    assert set(only) == {"inpaint"}
+    assert only["inpaint"]["cases"] == 4 and only["inpaint"]["new_object"] >= 0.75  # type: ignore[index]
+
+
 def test_case_box_is_the_replaced_objects_box() -> None:
     case = inpaint_cases(1)[0]
     scene = sample_scene(scene_rng(EVAL_INPAINT_SEED, 0), num_objects=2)

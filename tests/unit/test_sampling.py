@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm.denoiser import GuidedDenoiser
-from ldm.sampling import MaskBlend, StepState, sample_ddim
+from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
 from ldm.schedule import alphas_cumprod, ddim_timesteps, make_beta_schedule
 from ldm_serve.errors import InvalidInput
 
@@ -349,3 +349,32 @@ def test_invalid_guidance_inputs() -> None:
         GuidedDenoiser(RowwiseUNet(), parameterization="v")
     with pytest.raises(InvalidInput, match="c_concat"):
         GuidedDenoiser(RowwiseUNet(), context=ctx, c_concat=torch.zeros(3, 1, H, W))
+
+
+@pytest.mark.parametrize("box", [(0, 0, 1, 1), (5, 3, 6, 4), (3, 7, 13, 30), (1, 1, 31, 31), (8, 8, 16, 16)])
+def test_latent_keep_mask_regenerates_every_cell_touching_a_repaint_pixel(box: tuple[int, int, int, int]) -> None:
+    """A latent cell is kept iff none of the f x f pixels it covers is to be repainted (unaligned boxes too)."""
+    f, side = 4, 32
+    x0, y0, x1, y1 = box
+    repaint = torch.zeros(1, 1, side, side)
+    repaint[..., y0:y1, x0:x1] = 1.0
+    keep = latent_keep_mask(repaint, (side // f, side // f))
+    assert keep.shape == (1, 1, side // f, side // f) and keep.dtype == torch.float32
+    for i in range(side // f):
+        for j in range(side // f):
+            touched = bool(repaint[0, 0, i * f : (i + 1) * f, j * f : (j + 1) * f].any())
+            assert keep[0, 0, i, j].item() == (0.0 if touched else 1.0), (i, j)
+    # the cover is tight: nothing but the touched cells is regenerated
+    cells = torch.zeros(side // f, side // f)
+    cells[y0 // f : -(-y1 // f), x0 // f : -(-x1 // f)] = 1.0
+    assert torch.equal(1.0 - keep[0, 0], cells)
+
+
+def test_latent_keep_mask_per_row_and_shape_checks() -> None:
+    repaint = torch.zeros(2, 1, 8, 8)
+    repaint[1, 0, 7, 7] = 1.0  # one corner pixel of row 1 only
+    keep = latent_keep_mask(repaint, (2, 2))
+    assert torch.equal(keep[0], torch.ones(1, 2, 2))
+    assert torch.equal(keep[1], torch.tensor([[[1.0, 1.0], [1.0, 0.0]]]))
+    with pytest.raises(InvalidInput, match="mask"):
+        latent_keep_mask(torch.zeros(1, 3, 8, 8), (2, 2))
