@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,6 +38,7 @@ import torch
 
 from ldm.backends import apply_backend
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
+from ldm_serve.cpu_threads import reexec_with_wait_policy
 from ldm_serve.models import bundled_model_path
 
 PROMPTS = (
@@ -115,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--markdown", action="store_true", help="print table rows instead of JSON")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="run under OMP_WAIT_POLICY=PASSIVE, as a CPU worker with core workers does (restarts itself)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.omp_passive:
+        reexec_with_wait_policy("PASSIVE")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or bundled_model_path()
@@ -123,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no bundled model found; pass --model", file=sys.stderr)
         return 2
     results = [run_mode(model, m, args.batch, args.steps, args.guidance, args.repeats) for m in args.modes]
-    env = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    env = (
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'default')}"
+    )
     if args.markdown:
         print(f"| mode | core workers | batch | steps | median s / batch | images/s | compile s | ({env}) |")
         print("|---|---|---|---|---|---|---|---|")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from ldm.backends import apply_backend  # noqa: E402
 from ldm.config_yaml import model_config_to_yaml  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
+from ldm_serve.cpu_threads import reexec_with_wait_policy  # noqa: E402
 
 PROMPT = "a red circle on the left"
 NEGATIVE = "blue"
@@ -235,7 +237,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"torch {result['torch']}, {result['threads']} threads, {result['cpu']}, {result['steps']} DDIM steps, "
         f"guidance {result['scale']}, batch_invariant={result['batch_invariant']}, "
-        f"core workers {result['core_workers']}",
+        f"core workers {result['core_workers']}, OMP_WAIT_POLICY {result['omp_wait_policy']}",
         "",
         "| model | size | batch | implementation | images/s | ours / diffusers eager |",
         "|---|---:|---:|---|---:|---:|",
@@ -275,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours: one UNet row per call (default: the pipeline's, on for CPU)")  # fmt: skip
     parser.add_argument("--core-workers", type=int, nargs="+", default=None,
                         help="ours: one-core threads per pipeline, one run each (default: 1 and torch's threads)")  # fmt: skip
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="run under OMP_WAIT_POLICY=PASSIVE, as a CPU worker with core workers does "
+                             "(the process restarts itself; diffusers runs under it too)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -284,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.omp_passive:
+        reexec_with_wait_policy("PASSIVE")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.core_workers is None:
@@ -314,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scale": args.scale,
         "batch_invariant": load_flag(args),
         "core_workers": args.core_workers,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "models": results,
         "notes": notes,
     }

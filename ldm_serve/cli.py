@@ -54,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch imported lazily
+    from ldm_serve.cpu_threads import quiet_openmp_for_core_workers
+
+    quiet_openmp_for_core_workers(args.device, None)  # before torch loads
     import torch
 
     from ldm.pipeline import load_pipeline

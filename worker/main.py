@@ -45,6 +45,9 @@ log = logging.getLogger("ldm_serve.worker")
 
 def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
     """Load ``settings.model_path``; without one, the bundled model, else (not installed) the tiny untrained one."""
+    from ldm_serve.cpu_threads import quiet_openmp_for_core_workers
+
+    quiet_openmp_for_core_workers(settings.device, settings.core_workers)  # before torch loads
     from ldm.pipeline import load_pipeline
     from ldm_serve.models import bundled_model_path
 
