@@ -26,7 +26,7 @@ import torch
 from ldm.config import Parameterization
 from ldm_serve.errors import InvalidInput
 
-__all__ = ["GuidedDenoiser", "RowSerialUNet", "UNetCallable"]
+__all__ = ["GuidedDenoiser", "UNetCallable"]
 
 UNetCallable = Callable[..., torch.Tensor]
 """``unet(x [M, C_in, h, w], timesteps [M] int64, context=[M, L, D] | None, y=[M] | None) -> [M, C, h, w]``."""
@@ -181,34 +181,3 @@ class GuidedDenoiser:
             sqrt_a, sqrt_1ma = (c.to(device).index_select(0, t).view(-1, 1, 1, 1) for c in self._v_coef)
             return sqrt_a * out_c + sqrt_1ma * x  # e = sqrt(a_t) v + sqrt(1 - a_t) x_t
         return out_c
-
-
-class RowSerialUNet:
-    """Calls ``unet`` once per batch row, so each row's result is bit-identical to
-    the same row run alone.
-
-    CPU GEMM and convolution libraries (oneDNN, MKL) pick kernels and blockings by
-    batch size, so a batched UNet call rounds a row differently from a one-row
-    call (about 1e-6 relative per call, growing over the DDIM loop). Running every
-    row as its own one-row call removes that dependence at the cost of batching's
-    GEMM efficiency; the sampler, conditioning and decoding stay batched.
-    """
-
-    def __init__(self, unet: UNetCallable) -> None:
-        self.unet = unet
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        def row(v: torch.Tensor | None, i: int) -> torch.Tensor | None:
-            return None if v is None else v[i : i + 1]
-
-        outs = [
-            self.unet(x[i : i + 1], timesteps[i : i + 1], context=row(context, i), y=row(y, i))
-            for i in range(x.shape[0])
-        ]
-        return torch.cat(outs)  # [M, C, h, w]

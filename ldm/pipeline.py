@@ -33,8 +33,8 @@ from PIL import Image
 
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
-from ldm.denoiser import GuidedDenoiser, RowSerialUNet, UNetCallable
-from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, shared_core_pool
+from ldm.denoiser import GuidedDenoiser, UNetCallable
+from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
 from ldm.engine.ddim import row_coefficients
 from ldm.engine.padding import PaddedUNet
 from ldm.engine.rows import PreparedRow
@@ -270,11 +270,7 @@ class LatentDiffusionPipeline:
 
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``fn(x)`` over rows: per row when ``batch_invariant``, on the core pool when there is one."""
-        if self.core_pool is not None:
-            return self.core_pool.map_batch(lambda s: fn(x[s]), x.shape[0], per_row=self.batch_invariant)
-        if self.batch_invariant:
-            return torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])])
-        return fn(x)
+        return run_split(lambda s: fn(x[s]), x.shape[0], self.core_pool, per_row=self.batch_invariant)
 
     def _conditioning(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | None]:
         guided = [r.guidance_scale != 1.0 for r in rows]
@@ -380,10 +376,9 @@ class LatentDiffusionPipeline:
 
     def sampling_unet(self) -> UNetCallable:
         """The UNet as the sampler calls it: per row when ``batch_invariant``, sharded over the core pool."""
-        unet = self.model.unet
-        if self.core_pool is not None:
-            return ShardedUNet(unet, self.core_pool, per_row=self.batch_invariant)
-        return RowSerialUNet(unet) if self.batch_invariant else unet
+        if self.core_pool is None and not self.batch_invariant:
+            return self.model.unet
+        return ShardedUNet(self.model.unet, self.core_pool, per_row=self.batch_invariant)
 
     def make_denoiser(
         self,

@@ -66,11 +66,10 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
         batch_invariant=settings.batch_invariant,
         core_workers=settings.core_workers,
     )
-    from ldm.backends import resolve_backend
+    from ldm.backends import apply_backend, resolve_backend
 
     backend = resolve_backend(settings.backend, pipeline.device)
     if backend != "eager":
-        from ldm.backends import apply_backend
         from ldm_serve.models import cache_dir as default_cache_dir
 
         try:

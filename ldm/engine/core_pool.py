@@ -9,14 +9,16 @@ use one core, scales almost linearly (``bench/engine_bench.py`` and
 operator, and a TorchScript graph runs entirely without it, so plain Python
 threads are enough.
 
-Two ways to split (:class:`ShardedUNet`):
+Two ways to split (:func:`run_split`, :class:`ShardedUNet`):
 
-* ``per_row=True``: every row is its own call. A row's numbers then depend only on
-  the row (a one-row call on a one-thread core), never on its batch-mates or on
-  which thread took it, which keeps the CPU's batch invariance
-  (:class:`ldm.denoiser.RowSerialUNet` gives the same guarantee serially).
+* ``per_row=True``: every row is its own call. CPU GEMM and convolution libraries
+  pick kernels by batch size, so a batched call rounds a row differently from a
+  one-row call; a row's numbers then depend only on the row (a one-row call on a
+  one-thread core), never on its batch-mates or on which thread took it, which
+  keeps the CPU's batch invariance. Without a pool the rows run one after another
+  in the calling thread, with the same guarantee.
 * ``per_row=False``: ``workers`` contiguous shards of near-equal size, for callers
-  that batch freely.
+  that batch freely (without a pool: one call).
 
 The pool's threads set their intra-op thread count to 1 when they start; the
 calling thread's setting is untouched (OpenMP keeps it per thread).
@@ -33,7 +35,7 @@ import torch
 
 from ldm.denoiser import UNetCallable
 
-__all__ = ["CorePool", "ShardedUNet", "default_core_workers", "shared_core_pool"]
+__all__ = ["CorePool", "ShardedUNet", "default_core_workers", "run_split", "shared_core_pool"]
 
 T = TypeVar("T")
 
@@ -103,16 +105,29 @@ def shared_core_pool(workers: int) -> CorePool:
         return pool
 
 
+def run_split(fn: Callable[[slice], torch.Tensor], n: int, pool: CorePool | None, *, per_row: bool) -> torch.Tensor:
+    """``fn`` over the parts of a batch of ``n`` rows, concatenated along dim 0.
+
+    With a pool the parts run on its threads (:meth:`CorePool.map_batch`); without
+    one they run inline: one call per row when ``per_row``, else one call.
+    """
+    if pool is not None:
+        return pool.map_batch(fn, n, per_row=per_row)
+    if per_row:
+        return torch.cat([fn(slice(i, i + 1)) for i in range(n)])
+    return fn(slice(0, n))
+
+
 class ShardedUNet:
-    """Calls ``unet`` on shards of the batch at the same time, on a :class:`CorePool`.
+    """Calls ``unet`` on parts of the batch (see :func:`run_split`).
 
     Args:
         unet: any UNet callable (eager module or a compiled backend).
-        pool: the threads to run on.
+        pool: the threads to run on; ``None`` runs the parts in the calling thread.
         per_row: one call per row (batch-invariant) instead of one per worker.
     """
 
-    def __init__(self, unet: UNetCallable, pool: CorePool, *, per_row: bool) -> None:
+    def __init__(self, unet: UNetCallable, pool: CorePool | None, *, per_row: bool) -> None:
         self.unet = unet
         self.pool = pool
         self.per_row = per_row
@@ -129,4 +144,4 @@ class ShardedUNet:
                 x[s], timesteps[s], context=None if context is None else context[s], y=None if y is None else y[s]
             )
 
-        return self.pool.map_batch(part, x.shape[0], per_row=self.per_row)  # [M, C, h, w]
+        return run_split(part, x.shape[0], self.pool, per_row=self.per_row)  # [M, C, h, w]
