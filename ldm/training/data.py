@@ -15,7 +15,7 @@ import torch
 
 from ldm.data.shapes import sample_scene, scene_rng
 
-__all__ = ["STAGES", "images_to_tensor", "random_crops", "scene_batch", "step_generator"]
+__all__ = ["STAGES", "images_to_tensor", "mixed_scene_batch", "random_crops", "scene_batch", "step_generator"]
 
 STAGES: dict[str, int] = {"autoencoder": 1, "diffusion": 2, "init": 3, "eval": 4, "decoder": 5}
 """Stage ids mixed into the per-step seeds, so the two stages never share noise."""
@@ -35,6 +35,24 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def scene_batch(data_seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str]]:
     """Scenes ``start .. start + count - 1`` of stream ``data_seed``: images ``[count, 3, 64, 64]`` and captions."""
     scenes = [sample_scene(scene_rng(data_seed, i)) for i in range(start, start + count)]
+    images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in scenes])  # [N, 64, 64, 3]
+    return images_to_tensor(images), [s.caption for s in scenes]
+
+
+def mixed_scene_batch(
+    data_seed: int, start: int, count: int, two_object_prob: float
+) -> tuple[torch.Tensor, list[str]]:
+    """Like :func:`scene_batch`, but scene ``i`` has two objects with probability ``two_object_prob``.
+
+    Scene ``i``'s generator first draws the object count (one uniform number), then
+    the scene, so the stream stays a pure function of ``(data_seed, i)``.
+    """
+    if not 0.0 <= two_object_prob <= 1.0:
+        raise ValueError(f"two_object_prob must be in [0, 1], got {two_object_prob}")
+    scenes = []
+    for i in range(start, start + count):
+        rng = scene_rng(data_seed, i)
+        scenes.append(sample_scene(rng, num_objects=2 if rng.random() < two_object_prob else 1))
     images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in scenes])  # [N, 64, 64, 3]
     return images_to_tensor(images), [s.caption for s in scenes]
 

@@ -25,7 +25,7 @@ The recipe of the paper's text-to-image LDM, at our scale:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ from ldm.config import ModelConfig
 from ldm.encoders import build_cond_stage_model
 from ldm.schedule import alphas_cumprod, make_beta_schedule
 from ldm.tokenizers import TextTokenizer
-from ldm.training.data import scene_batch, step_generator
+from ldm.training.data import mixed_scene_batch, scene_batch, step_generator
 from ldm.training.ema import ExponentialMovingAverage
 from ldm.training.optim import learning_rate, make_optimizer, set_learning_rate
 from ldm.unet import ResBlock, UNetModel
@@ -64,6 +64,7 @@ class DiffusionTrainConfig:
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
     min_snr_gamma: float | None = None  # None = the plain (unweighted) simple loss
+    two_object_prob: float | None = None  # None = the generator's own 50/50 mix (scene_batch)
 
 
 def drop_captions(captions: Sequence[str], prob: float, generator: torch.Generator) -> list[str]:
@@ -185,7 +186,37 @@ class LatentDiffusionTrainer:
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         """Images ``[B, 3, 64, 64]`` and captions of ``step``."""
-        return scene_batch(self.data_seed, step * self.config.batch_size, self.config.batch_size)
+        start, count = step * self.config.batch_size, self.config.batch_size
+        if self.config.two_object_prob is None:
+            return scene_batch(self.data_seed, start, count)
+        return mixed_scene_batch(self.data_seed, start, count, self.config.two_object_prob)
+
+    def start_from(self, previous: LatentDiffusionTrainer) -> None:
+        """Begin a further stage at ``previous``'s EMA weights (UNet and text encoder) and scale factor."""
+        if previous.scale_factor is None:
+            raise ValueError("the previous stage has no scale factor yet (it ran no step)")
+        unet_sd, text_sd = previous.ema_weights()
+        self.start_from_weights(unet_sd, text_sd, previous.scale_factor)
+
+    def start_from_weights(
+        self, unet: Mapping[str, torch.Tensor], text_encoder: Mapping[str, torch.Tensor], scale_factor: float
+    ) -> None:
+        """Begin this stage at the given UNet and text-encoder weights (e.g. a released checkpoint's).
+
+        The optimizer starts fresh (this stage has its own learning-rate schedule) and
+        the EMA restarts at the loaded weights, so it averages this stage's steps only.
+        Weights are cast to float32 (an fp16 release trains in full precision).
+        """
+        if self.step:
+            raise ValueError(f"start_from must come before this stage's first step (it is at step {self.step})")
+        self.unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in unet.items()})
+        self.text_encoder.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in text_encoder.items()}
+        )
+        self.ema = ExponentialMovingAverage(
+            {"unet": self.unet, "text_encoder": self.text_encoder}, self.config.ema_decay
+        )
+        self.scale_factor = float(scale_factor)
 
     def train_step(
         self, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator

@@ -68,6 +68,23 @@ def _count(sd: Mapping[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in sd.values())
 
 
+def _binding_lines(train: Mapping[str, object]) -> list[str]:
+    """Model-card lines of stage 2b's rounds (none when it was skipped)."""
+    rounds = train.get("binding_rounds") or []
+    assert isinstance(rounds, list)
+    lines = []
+    for k, r in enumerate(rounds, start=1):
+        start = "stage 2's" if k == 1 else f"round {k - 1}'s"
+        lines.append(
+            f"- Stage 2b (binding), round {k}: {r['steps']} more diffusion steps x {r['batch_size']} scenes from"
+            f" {start} EMA weights, on scene stream `data_seed={r['data_seed']}` with two objects in"
+            f" {float(r['two_object_prob'] if r['two_object_prob'] is not None else 0.5):.0%} of scenes"
+            f" (stage 2: 50%), where the model learns which attributes go with which object; fresh AdamW,"
+            f" lr {r['lr']}, a fresh EMA (decay {r['ema_decay']})."
+        )
+    return lines
+
+
 def model_card(config: ModelConfig, metadata: Mapping[str, object], parameters: Mapping[str, int]) -> str:
     """Markdown model card from the config and the training metadata."""
     u, a, c = config.unet, config.first_stage, config.cond_stage
@@ -116,6 +133,7 @@ def model_card(config: ModelConfig, metadata: Mapping[str, object], parameters: 
             if train.get("min_snr_gamma")
             else "."
         ),
+        *_binding_lines(train),
         *(
             [
                 f"- Decoder fine-tune (like `sd-vae-ft-mse`): {train.get('decoder_finetune_steps')} steps x "
@@ -202,7 +220,8 @@ def export_model(
     meta: dict[str, object] = {**metadata, "untrained": False, "family": config.family}
     training = meta.get("training")
     if isinstance(training, Mapping) and "ldm_steps" in training:
-        state["global_step"] = torch.tensor(int(training["ldm_steps"]), dtype=torch.int64)  # type: ignore[call-overload]
+        steps = int(training["ldm_steps"]) + int(training.get("binding_steps", 0))  # type: ignore[call-overload]
+        state["global_step"] = torch.tensor(steps, dtype=torch.int64)  # all diffusion steps (stages 2 and 2b)
     ckpt = out / f"{stem}.safetensors"
     save_file(state, str(ckpt), metadata={"format": "pt"})
 

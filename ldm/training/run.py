@@ -1,9 +1,11 @@
-"""Both training stages end to end, with logging, resumable checkpoints and the final export.
+"""All training stages end to end, with logging, resumable checkpoints and the final export.
 
 Layout of the output folder::
 
     DIR/train_state/autoencoder.pt   autoencoder weights + optimizer + step (+ elapsed seconds)
     DIR/train_state/diffusion.pt     UNet, text encoder, optimizer, EMA, scale factor, step
+    DIR/train_state/binding-K.pt     the same for round K of stage 2b (more diffusion on two-object scenes)
+    DIR/train_state/decoder.pt       decoder fine-tune weights + optimizer + step
     DIR/tokenizer/vocab.txt          written first; the trainer tokenizes through it
     DIR/<name>.safetensors|.yaml|.json, DIR/MODEL_CARD.md   the export (at the end)
 
@@ -18,6 +20,7 @@ Once a diffusion state exists the autoencoder is final (its steps are not extend
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -29,18 +32,27 @@ from typing import Protocol
 import torch
 
 from ldm.autoencoder import AutoencoderKL
+from ldm.checkpoint import read_state_dict
 from ldm.data.judge import DEFAULT_WEIGHTS, accuracy_report, judge_scenes
 from ldm.data.shapes import parse_caption, write_vocab
 from ldm.tokenizers import BertTokenizer
 from ldm.training.autoencoder import AutoencoderTrainer, DecoderFinetuner, psnr, reconstruct
 from ldm.training.data import scene_batch
 from ldm.training.diffusion import LatentDiffusionTrainer
-from ldm.training.export import ExportedModel, export_model
+from ldm.training.export import (
+    COND_STAGE_PREFIX,
+    FIRST_STAGE_PREFIX,
+    UNET_PREFIX,
+    ExportedModel,
+    export_model,
+)
 from ldm.training.presets import PRESETS, Preset
 
 __all__ = ["RunOptions", "run_training"]
 
 HELD_OUT_OFFSET = 1_000_003  # held-out scenes: stream data_seed + this
+BINDING_SEED_OFFSET = 100  # noise of stage 2b's round k (from 0): seed + this + k (stage 2 uses seed)
+BINDING_DATA_OFFSET = 893  # scenes of round k: stream data_seed + this + k (900, 901, ... for the default 7)
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class RunOptions:
     preset: str = "bundled"
     ae_steps: int | None = None
     ldm_steps: int | None = None
+    binding_steps: tuple[int, ...] | None = None  # steps of each stage-2b round; (0,) = skip stage 2b
     batch_size: int | None = None  # diffusion batch
     ae_batch_size: int | None = None
     ae_crop: int | None = None  # 0 = full images
@@ -67,6 +80,7 @@ class RunOptions:
     fp16: bool = True
     device: str = "cpu"
     command: str = ""
+    start_from: Path | None = None  # a released checkpoint: run only stage 2b from its weights
 
 
 def _resolve(options: RunOptions) -> Preset:
@@ -86,7 +100,20 @@ def _resolve(options: RunOptions) -> Preset:
         batch_size=options.batch_size or p.diffusion.batch_size,
         lr=options.ldm_lr or p.diffusion.lr,
     )
-    return dataclasses.replace(p, autoencoder=ae, diffusion=ldm)
+    binding = p.binding
+    if options.binding_steps is not None:
+        if tuple(options.binding_steps) == (0,):
+            binding = ()
+        elif len(options.binding_steps) != len(binding):
+            raise ValueError(
+                f"binding_steps: preset {options.preset!r} has {len(binding)} stage-2b round(s); give one step"
+                f" count per round or 0 to skip the stage, got {list(options.binding_steps)}"
+            )
+        else:
+            binding = tuple(
+                dataclasses.replace(cfg, steps=n) for cfg, n in zip(binding, options.binding_steps, strict=True)
+            )
+    return dataclasses.replace(p, autoencoder=ae, diffusion=ldm, binding=binding)
 
 
 def _save(state: dict[str, object], path: Path) -> None:
@@ -177,8 +204,134 @@ def _judge_reconstructions(ae: AutoencoderKL, images: torch.Tensor, captions: li
     return {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
 
 
+StartWeights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]
+"""UNet weights, text-encoder weights and scale factor a first binding round can start from."""
+
+
+def _binding_rounds(
+    preset: Preset,
+    options: RunOptions,
+    autoencoder: AutoencoderKL,
+    tokenizer: BertTokenizer,
+    start: LatentDiffusionTrainer | StartWeights,
+    emit: Callable[[str], None],
+) -> tuple[LatentDiffusionTrainer | None, list[dict[str, object]], float]:
+    """Stage 2b: each round continues from the previous one's EMA weights (the first from ``start``).
+
+    Returns the last round's trainer (``None`` when no round ran), a record of every
+    round for the metadata, and the stage's seconds.
+    """
+    state_dir = Path(options.out) / "train_state"
+    previous: LatentDiffusionTrainer | None = start if isinstance(start, LatentDiffusionTrainer) else None
+    rounds: list[dict[str, object]] = []
+    seconds = 0.0
+    for k, cfg in enumerate(cfg for cfg in preset.binding if cfg.steps > 0):
+        tag = f"binding-{k + 1}"
+        bind = LatentDiffusionTrainer(
+            preset.model,
+            cfg,
+            autoencoder,
+            tokenizer,
+            seed=options.seed + BINDING_SEED_OFFSET + k,
+            data_seed=options.data_seed + BINDING_DATA_OFFSET + k,
+            device=options.device,
+        )
+        if previous is not None:
+            bind.start_from(previous)
+        else:
+            assert not isinstance(start, LatentDiffusionTrainer)
+            bind.start_from_weights(*start)
+        path = state_dir / f"{tag}.pt"
+        elapsed = _resume(bind, path, tag, options, emit)
+        seconds += _train(bind, tag, cfg.steps, path, elapsed, options, emit)
+        rounds.append(
+            {
+                "steps": bind.step,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.lr,
+                "two_object_prob": cfg.two_object_prob,
+                "ema_decay": cfg.ema_decay,
+                "seed": bind.seed,
+                "data_seed": bind.data_seed,
+            }
+        )
+        previous = bind
+    last = previous if rounds else None
+    return last, rounds, seconds
+
+
+def _continue_release(options: RunOptions, preset: Preset, emit: Callable[[str], None]) -> ExportedModel:
+    """Run only stage 2b from a released checkpoint of this preset (``options.start_from``), then export.
+
+    The checkpoint's autoencoder (with its fine-tuned decoder) and scale factor are
+    kept; its ``<stem>.json`` metadata, when present, is carried over with the new
+    rounds appended, so the export still describes stages 1-3.
+    """
+    source = Path(options.start_from)  # type: ignore[arg-type]
+    sd = read_state_dict(source)
+    out = Path(options.out)
+    state_dir = out / "train_state"
+    if not options.resume and state_dir.is_dir() and any(state_dir.glob("*.pt")):
+        raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model = preset.model
+    assert model.cond_stage is not None and hasattr(model.cond_stage, "max_seq_len")
+    tokenizer = BertTokenizer.from_dir(write_vocab(out / "tokenizer").parent, max_length=model.cond_stage.max_seq_len)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+
+    autoencoder = AutoencoderKL(model.first_stage)
+    autoencoder.load_state_dict(part(FIRST_STAGE_PREFIX))
+    autoencoder.to(options.device).eval()
+    if "scale_factor" not in sd:
+        raise ValueError(f"{source} has no scale_factor buffer; stage 2b needs the model's latent scale")
+    start: StartWeights = (part(UNET_PREFIX), part(COND_STAGE_PREFIX), float(sd["scale_factor"]))
+    emit(f"[binding] starting from {source} (scale_factor {start[2]:.6g})")
+    final, rounds, seconds = _binding_rounds(preset, options, autoencoder, tokenizer, start, emit)
+    if final is None:
+        raise ValueError("start_from needs at least one stage-2b round with steps > 0")
+
+    meta_path = source.with_suffix(".json")
+    metadata: dict[str, object] = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    for derived in ("family", "untrained", "parameters", "fp16", "scale_factor"):
+        metadata.pop(derived, None)  # export_model writes these afresh
+    training = dict(metadata.get("training") or {})  # type: ignore[call-overload]
+    earlier = list(training.get("binding_rounds") or [])
+    training["binding_rounds"] = [*earlier, *rounds]
+    training["binding_steps"] = sum(int(r["steps"]) for r in training["binding_rounds"])
+    training.setdefault("ldm_steps", 0)
+    stage_seconds = dict(metadata.get("stage_seconds") or {})  # type: ignore[call-overload]
+    stage_seconds["binding"] = round(float(stage_seconds.get("binding", 0.0)) + seconds, 1)
+    metadata.update(
+        name=metadata.get("name", options.name),
+        training=training,
+        stage_seconds=stage_seconds,
+        wall_time_s=round(sum(float(v) for v in stage_seconds.values()), 1),
+        started_from=str(source),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        device=options.device,
+        command=options.command or f"python tools/train_bundled_model.py --out DIR --start-from {source}",
+    )
+    unet_sd, text_sd = final.ema_weights()
+    exported = export_model(
+        out,
+        model,
+        unet=unet_sd,
+        first_stage=autoencoder.state_dict(),
+        cond_stage=text_sd,
+        scale_factor=start[2],
+        metadata=metadata,
+        stem=options.stem,
+        fp16=options.fp16,
+    )
+    emit(f"[export] {exported.checkpoint} ({exported.checkpoint.stat().st_size / 1e6:.1f} MB)")
+    return exported
+
+
 def run_training(options: RunOptions, log: Callable[[str], None] | None = None) -> ExportedModel:
-    """Train (or continue) both stages as ``options`` says, then export; returns the export's paths.
+    """Train (or continue) every stage as ``options`` says, then export; returns the export's paths.
 
     Raises:
         FileExistsError: training state exists in ``options.out`` and ``resume`` is off.
@@ -187,11 +340,13 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     preset = _resolve(options)
     if options.threads:
         torch.set_num_threads(options.threads)
+    if options.start_from is not None:
+        return _continue_release(options, preset, emit)
     out = Path(options.out)
     state_dir = out / "train_state"
     ae_path, ldm_path = state_dir / "autoencoder.pt", state_dir / "diffusion.pt"
     dec_path = state_dir / "decoder.pt"
-    if not options.resume and (ae_path.exists() or ldm_path.exists() or dec_path.exists()):
+    if not options.resume and any(state_dir.glob("*.pt")):
         raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
     state_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = write_vocab(out / "tokenizer").parent
@@ -243,6 +398,10 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         ldm.set_scale_factor(ldm.encode(first_images, torch.Generator().manual_seed(options.seed)))
     assert ldm.scale_factor is not None
 
+    # ---------------------------------------------------------------- stage 2b: binding rounds
+    bound, rounds, bind_elapsed = _binding_rounds(preset, options, ae.model, tokenizer, ldm, emit)
+    final = bound or ldm  # whose EMA weights are exported
+
     # ---------------------------------------------------------------- stage 3: decoder fine-tune
     dec = DecoderFinetuner(
         ae.model,
@@ -262,7 +421,7 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             emit(f"[decoder] judge on held-out reconstructions: {ae_judge}")
 
     # ---------------------------------------------------------------- export
-    unet_sd, text_sd = ldm.ema_weights()
+    unet_sd, text_sd = final.ema_weights()
     metadata: dict[str, object] = {
         "name": options.name,
         "preset": options.preset,
@@ -282,6 +441,8 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
             "min_snr_gamma": preset.diffusion.min_snr_gamma,
             "ema_decay": preset.diffusion.ema_decay,
             "ema_updates": ldm.ema.num_updates,
+            "binding_steps": sum(int(r["steps"]) for r in rounds),  # type: ignore[call-overload]
+            "binding_rounds": rounds,
             "decoder_finetune_steps": dec.step,
             "decoder_finetune_batch_size": preset.decoder.batch_size,
             "decoder_finetune_lr": preset.decoder.lr,
@@ -291,10 +452,11 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
         "ae_psnr_db_before_decoder_finetune": round(stage1_psnr, 3),
         "ae_judge_before_decoder_finetune": stage1_judge,
         "ae_judge_on_reconstructions": ae_judge,
-        "wall_time_s": round(ae_elapsed + ldm_elapsed + dec_elapsed, 1),
+        "wall_time_s": round(ae_elapsed + ldm_elapsed + bind_elapsed + dec_elapsed, 1),
         "stage_seconds": {
             "autoencoder": round(ae_elapsed, 1),
             "diffusion": round(ldm_elapsed, 1),
+            "binding": round(bind_elapsed, 1),
             "decoder_finetune": round(dec_elapsed, 1),
         },
         "threads": torch.get_num_threads(),

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ldm.config_yaml import model_config_from_yaml, model_config_to_yaml
-from ldm.data.shapes import vocab_tokens, write_vocab
+from ldm.data.shapes import parse_caption, vocab_tokens, write_vocab
 from ldm.pipeline import load_pipeline
 from ldm.tokenizers import BertTokenizer
 from ldm.training.autoencoder import AutoencoderTrainer
-from ldm.training.data import scene_batch, step_generator
+from ldm.training.data import mixed_scene_batch, scene_batch, step_generator
 from ldm.training.diffusion import LatentDiffusionTrainer, drop_captions
 from ldm.training.ema import ExponentialMovingAverage
 from ldm.training.export import export_model
@@ -171,15 +171,16 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_export(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["ldm", "binding-1"])
+def test_interrupted_run_resumes_to_the_same_export(tmp_path: Path, stage: str) -> None:
     def options(out: Path, resume: bool = False) -> RunOptions:
-        return RunOptions(out=out, preset="smoke", ae_steps=3, ldm_steps=4, checkpoint_every=2, log_every=1,
-                          resume=resume)  # fmt: skip
+        return RunOptions(out=out, preset="smoke", ae_steps=3, ldm_steps=4, binding_steps=(4,), checkpoint_every=2,
+                          log_every=1, resume=resume)  # fmt: skip
 
     straight = run_training(options(tmp_path / "a"), log=lambda line: None)
 
     def crash_after_step_3(line: str) -> None:
-        if line.startswith("[ldm] step 3/"):
+        if line.startswith(f"[{stage}] step 3/"):
             raise _Interrupt
     with pytest.raises(_Interrupt):
         run_training(options(tmp_path / "b"), log=crash_after_step_3)
@@ -187,7 +188,7 @@ def test_interrupted_run_resumes_to_the_same_export(tmp_path: Path) -> None:
         run_training(options(tmp_path / "b"), log=lambda line: None)
     lines: list[str] = []
     resumed = run_training(options(tmp_path / "b", resume=True), log=lines.append)
-    assert "[ldm] resumed at step 2" in lines and "[ae] resumed at step 3" in lines
+    assert f"[{stage}] resumed at step 2" in lines and "[ae] resumed at step 3" in lines
     a, b = load_file(str(straight.checkpoint)), load_file(str(resumed.checkpoint))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -210,10 +211,12 @@ def test_export_is_the_original_layout(smoke_export) -> None:
     assert roots == {"scale_factor", "betas", "alphas_cumprod", "global_step"}
     assert {k.split(".")[0] for k in sd if k.startswith(prefixes)} == {"model", "first_stage_model", "cond_stage_model"}
     assert all(v.dtype == torch.float16 for k, v in sd.items() if k.startswith(prefixes) and v.is_floating_point())
-    assert sd["scale_factor"].dtype == torch.float32 and int(sd["global_step"]) == 2
+    assert sd["scale_factor"].dtype == torch.float32
+    assert int(sd["global_step"]) == 2 + SMOKE.binding[0].steps  # stage 2 + stage 2b
     vocab = (smoke_export.tokenizer_dir / "vocab.txt").read_text().splitlines()
     assert vocab == vocab_tokens()
-    assert "shapes-ldm-f4" in smoke_export.model_card.read_text()
+    card = smoke_export.model_card.read_text()
+    assert "shapes-ldm-f4" in card and "Stage 2b (binding), round 1: 2 more diffusion steps" in card
 
 
 def test_exported_yaml_round_trips(smoke_export) -> None:
@@ -264,6 +267,122 @@ def test_cli_writes_the_export(tmp_path: Path) -> None:
     assert '"ldm_steps": 1' in meta and "--preset smoke" in meta
     assert (out / "cli-model.safetensors").is_file() and (out / "cli-model.yaml").is_file()
     assert (out / "train_state" / "diffusion.pt").is_file()
+
+
+# ------------------------------------------------------------------ stage 2b: binding
+
+
+def test_mixed_scene_batch_draws_the_asked_share_of_two_object_scenes() -> None:
+    images, captions = mixed_scene_batch(11, 0, 400, 0.75)
+    assert images.shape == (400, 3, 64, 64)
+    two = sum(len(parse_caption(c).objects) == 2 for c in captions)
+    assert 0.68 * 400 < two < 0.82 * 400
+    again, captions_again = mixed_scene_batch(11, 100, 20, 0.75)  # a pure function of (stream, index)
+    assert captions_again == captions[100:120] and torch.equal(again, images[100:120])
+    _, only_two = mixed_scene_batch(11, 0, 30, 1.0)
+    _, only_one = mixed_scene_batch(11, 0, 30, 0.0)
+    assert all(len(parse_caption(c).objects) == 2 for c in only_two)
+    assert all(len(parse_caption(c).objects) == 1 for c in only_one)
+    with pytest.raises(ValueError, match="two_object_prob"):
+        mixed_scene_batch(11, 0, 2, 1.5)
+
+
+def test_binding_stage_starts_at_the_previous_ema_weights(tokenizer: BertTokenizer) -> None:
+    first = ldm_trainer(tokenizer, ema_decay=0.5)
+    for _ in range(3):
+        first.next_step()
+    unet_ema, text_ema = first.ema_weights()
+    bind = ldm_trainer(tokenizer, two_object_prob=1.0)
+    bind.start_from(first)
+    assert bind.step == 0 and bind.scale_factor == first.scale_factor
+    assert all(torch.equal(bind.unet.state_dict()[k], v) for k, v in unet_ema.items())
+    assert all(torch.equal(bind.text_encoder.state_dict()[k], v) for k, v in text_ema.items())
+    restarted, _ = bind.ema_weights()  # the EMA restarts at the loaded weights
+    assert all(torch.equal(restarted[k], v) for k, v in unet_ema.items())
+    _, captions = bind.batch(0)
+    assert all(len(parse_caption(c).objects) == 2 for c in captions)
+    bind.next_step()
+    with pytest.raises(ValueError, match="before this stage's first step"):
+        bind.start_from(first)
+    with pytest.raises(ValueError, match="no scale factor"):
+        ldm_trainer(tokenizer).start_from(ldm_trainer(tokenizer))
+
+
+def test_binding_steps_zero_skips_stage_2b(tmp_path: Path) -> None:
+    import json
+
+    lines: list[str] = []
+    exported = run_training(
+        RunOptions(out=tmp_path, preset="smoke", ae_steps=1, ldm_steps=2, binding_steps=(0,), log_every=1),
+        log=lines.append,
+    )
+    assert not any(line.startswith("[binding") for line in lines)
+    meta = json.loads(exported.metadata.read_text())
+    assert meta["training"]["binding_steps"] == 0 and meta["training"]["binding_rounds"] == []
+    assert int(load_file(str(exported.checkpoint))["global_step"]) == 2
+    assert "Stage 2b" not in exported.model_card.read_text()
+
+
+def test_binding_rounds_chain_and_are_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from ldm.training import presets
+
+    two_rounds = dataclasses.replace(SMOKE, binding=(SMOKE.binding[0], dataclasses.replace(SMOKE.binding[0], lr=5e-4)))
+    monkeypatch.setitem(presets.PRESETS, "smoke", two_rounds)
+    with pytest.raises(ValueError, match="2 stage-2b round"):
+        run_training(RunOptions(out=tmp_path / "bad", preset="smoke", binding_steps=(3,)), log=lambda line: None)
+    lines: list[str] = []
+    exported = run_training(
+        RunOptions(out=tmp_path / "ok", preset="smoke", ae_steps=1, ldm_steps=1, binding_steps=(2, 3), log_every=1),
+        log=lines.append,
+    )
+    assert any(line.startswith("[binding-1] step 2/2") for line in lines)
+    assert any(line.startswith("[binding-2] step 3/3") for line in lines)
+    training = json.loads(exported.metadata.read_text())["training"]
+    assert training["binding_steps"] == 5
+    assert [(r["steps"], r["lr"], r["seed"], r["data_seed"]) for r in training["binding_rounds"]] == [
+        (2, SMOKE.binding[0].lr, 100, 900),
+        (3, 5e-4, 101, 901),
+    ]
+    assert int(load_file(str(exported.checkpoint))["global_step"]) == 1 + 5
+    assert "round 2: 3 more diffusion steps" in exported.model_card.read_text()
+
+
+def test_start_from_a_release_runs_only_the_binding_rounds(smoke_export, tmp_path: Path) -> None:
+    import json
+
+    lines: list[str] = []
+    exported = run_training(
+        RunOptions(out=tmp_path, preset="smoke", start_from=smoke_export.checkpoint, binding_steps=(3,), log_every=1),
+        log=lines.append,
+    )
+    assert not any(line.startswith(("[ae]", "[ldm]", "[decoder]")) for line in lines)
+    assert any(line.startswith("[binding-1] step 3/3") for line in lines)
+    source, result = load_file(str(smoke_export.checkpoint)), load_file(str(exported.checkpoint))
+    first_stage = [k for k in source if k.startswith("first_stage_model.")]
+    assert first_stage and all(torch.equal(source[k], result[k]) for k in first_stage)  # autoencoder kept
+    assert torch.equal(source["scale_factor"], result["scale_factor"])
+    unet = [k for k in source if k.startswith("model.diffusion_model.")]
+    assert any(not torch.equal(source[k], result[k]) for k in unet)  # trained further
+    before, after = json.loads(smoke_export.metadata.read_text()), json.loads(exported.metadata.read_text())
+    assert after["training"]["ae_steps"] == before["training"]["ae_steps"]  # stages 1-3 still described
+    assert [r["steps"] for r in after["training"]["binding_rounds"]] == [SMOKE.binding[0].steps, 3]
+    assert int(result["global_step"]) == before["training"]["ldm_steps"] + SMOKE.binding[0].steps + 3
+    assert after["started_from"] == str(smoke_export.checkpoint)
+    pipe = load_pipeline(exported.checkpoint)
+    assert pipe.txt2img(PROMPT, seeds=0, steps=2, guidance_scale=5.0).images[0].size == (64, 64)
+
+
+def test_start_from_a_release_begins_at_its_weights(smoke_export, tokenizer: BertTokenizer) -> None:
+    sd = load_file(str(smoke_export.checkpoint))
+    bind = ldm_trainer(tokenizer, two_object_prob=0.75)
+    unet = {k.removeprefix("model.diffusion_model."): v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+    text = {k.removeprefix("cond_stage_model."): v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    bind.start_from_weights(unet, text, float(sd["scale_factor"]))
+    loaded = bind.unet.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()) for k, v in unet.items())
+    assert bind.scale_factor == pytest.approx(float(sd["scale_factor"]))
 
 
 # ------------------------------------------------------------------ decoder fine-tune (stage 3)
