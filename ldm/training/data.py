@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm.data.shapes import sample_scene, scene_rng
+from ldm.data.shapes import Scene, sample_scene, scene_rng
 
 __all__ = ["STAGES", "images_to_tensor", "mixed_scene_batch", "random_crops", "scene_batch", "step_generator"]
 
@@ -32,11 +32,14 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def scene_batch(data_seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str]]:
-    """Scenes ``start .. start + count - 1`` of stream ``data_seed``: images ``[count, 3, 64, 64]`` and captions."""
-    scenes = [sample_scene(scene_rng(data_seed, i)) for i in range(start, start + count)]
+def _batch(scenes: list[Scene]) -> tuple[torch.Tensor, list[str]]:
     images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in scenes])  # [N, 64, 64, 3]
     return images_to_tensor(images), [s.caption for s in scenes]
+
+
+def scene_batch(data_seed: int, start: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Scenes ``start .. start + count - 1`` of stream ``data_seed``: images ``[count, 3, 64, 64]`` and captions."""
+    return _batch([sample_scene(scene_rng(data_seed, i)) for i in range(start, start + count)])
 
 
 def mixed_scene_batch(
@@ -53,8 +56,7 @@ def mixed_scene_batch(
     for i in range(start, start + count):
         rng = scene_rng(data_seed, i)
         scenes.append(sample_scene(rng, num_objects=2 if rng.random() < two_object_prob else 1))
-    images = np.stack([np.asarray(s.image, dtype=np.uint8) for s in scenes])  # [N, 64, 64, 3]
-    return images_to_tensor(images), [s.caption for s in scenes]
+    return _batch(scenes)
 
 
 def random_crops(x: torch.Tensor, size: int, generator: torch.Generator, multiple: int = 1) -> torch.Tensor:

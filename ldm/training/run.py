@@ -204,6 +204,22 @@ def _judge_reconstructions(ae: AutoencoderKL, images: torch.Tensor, captions: li
     return {k: round(report[k], 3) for k in ("background", "shape", "colour", "objects")}
 
 
+def _prepare_output(options: RunOptions, preset: Preset) -> tuple[Path, BertTokenizer]:
+    """Create ``DIR/train_state`` (refusing old state unless resuming) and ``DIR/tokenizer``; returns both.
+
+    Raises:
+        FileExistsError: training state exists and ``resume`` is off.
+    """
+    out = Path(options.out)
+    state_dir = out / "train_state"
+    if not options.resume and any(state_dir.glob("*.pt")):
+        raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cond = preset.model.cond_stage
+    assert cond is not None and hasattr(cond, "max_seq_len")
+    return state_dir, BertTokenizer.from_dir(write_vocab(out / "tokenizer").parent, max_length=cond.max_seq_len)
+
+
 StartWeights = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]
 """UNet weights, text-encoder weights and scale factor a first binding round can start from."""
 
@@ -270,13 +286,8 @@ def _continue_release(options: RunOptions, preset: Preset, emit: Callable[[str],
     source = Path(options.start_from)  # type: ignore[arg-type]
     sd = read_state_dict(source)
     out = Path(options.out)
-    state_dir = out / "train_state"
-    if not options.resume and state_dir.is_dir() and any(state_dir.glob("*.pt")):
-        raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _, tokenizer = _prepare_output(options, preset)
     model = preset.model
-    assert model.cond_stage is not None and hasattr(model.cond_stage, "max_seq_len")
-    tokenizer = BertTokenizer.from_dir(write_vocab(out / "tokenizer").parent, max_length=model.cond_stage.max_seq_len)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v.float() for k, v in sd.items() if k.startswith(prefix)}
@@ -343,16 +354,10 @@ def run_training(options: RunOptions, log: Callable[[str], None] | None = None) 
     if options.start_from is not None:
         return _continue_release(options, preset, emit)
     out = Path(options.out)
-    state_dir = out / "train_state"
+    state_dir, tokenizer = _prepare_output(options, preset)
     ae_path, ldm_path = state_dir / "autoencoder.pt", state_dir / "diffusion.pt"
     dec_path = state_dir / "decoder.pt"
-    if not options.resume and any(state_dir.glob("*.pt")):
-        raise FileExistsError(f"{state_dir} holds training state; pass resume=True (--resume) or use a new folder")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = write_vocab(out / "tokenizer").parent
     model = preset.model
-    assert model.cond_stage is not None and hasattr(model.cond_stage, "max_seq_len")
-    tokenizer = BertTokenizer.from_dir(tokenizer_dir, max_length=model.cond_stage.max_seq_len)
 
     # ---------------------------------------------------------------- stage 1: autoencoder
     ae = AutoencoderTrainer(
