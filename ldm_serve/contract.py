@@ -26,6 +26,7 @@ Redis layout (``P`` is ``Settings.redis_prefix``, default ``ldm``)::
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from enum import Enum
 from typing import Any, Literal
@@ -171,6 +172,19 @@ class WorkerInfo(BaseModel):
 def new_job_id() -> str:
     """A 26-character, URL-safe, lower-case id (base32 of a uuid4, as cog does)."""
     return base64.b32encode(uuid.uuid4().bytes).decode("ascii").rstrip("=").lower()
+
+
+JOB_ID_LENGTH = 26
+_JOB_ID = re.compile(r"[a-z2-7]{26}")  # JOB_ID_LENGTH characters
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` has the format of :func:`new_job_id` (26 lower-case base32 characters).
+
+    Checked before any Redis key is built from a client-supplied id, so that an id
+    such as ``<id>:events`` can never address another key of the job.
+    """
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
 
 
 def queue_name(prefix: str, model: str, priority: Priority | str) -> str:

@@ -8,7 +8,9 @@ the model code raises them and never thinks about transport codes.
 
     LdmServeError
     ├── InvalidInput (ValueError)             -> 422  a request or call argument is out of range
-    │   └── UnknownModel                      -> 404  no worker serves the named model
+    │   ├── UnknownModel                      -> 404  no worker serves the named model
+    │   ├── PayloadTooLarge                   -> 413  the request body exceeds its size limit
+    │   └── UnsupportedMediaType              -> 415  the Content-Type is not one the route accepts
     ├── ModelError                            -> 500  the model files themselves are wrong
     │   ├── ConfigError (ValueError)          -> 500  unknown family, malformed YAML, unsupported option
     │   ├── CheckpointError                   -> 500  missing / unexpected / mis-shaped tensors, other architecture
@@ -59,6 +61,20 @@ class UnknownModel(InvalidInput):
 
     http_status = 404
     code = "unknown_model"
+
+
+class PayloadTooLarge(InvalidInput):
+    """The request body is larger than its limit (checked while it streams in)."""
+
+    http_status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The request's ``Content-Type`` is not one the route accepts (field ``content-type``)."""
+
+    http_status = 415
+    code = "unsupported_media_type"
 
 
 class ModelError(LdmServeError):

@@ -35,6 +35,7 @@ from ldm_serve.contract import (
     Keys,
     Priority,
     WorkerInfo,
+    is_job_id,
     queue_name,
 )
 from ldm_serve.errors import InvalidInput, JobNotFound, QueueFull, QueueUnavailable
@@ -233,7 +234,8 @@ class JobStore:
     # ------------------------------------------------------------------ reading
     @translate_redis_errors
     def get(self, job_id: str) -> dict[str, str]:
-        """The job hash as ``str -> str``; raises JobNotFound."""
+        """The job hash as ``str -> str``; raises JobNotFound (also for an id of the wrong format)."""
+        check_job_id(job_id)
         raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
@@ -246,6 +248,7 @@ class JobStore:
     @translate_redis_errors
     def queue_position(self, job_id: str, model: str, priority: str) -> int | None:
         """0-based position counting every job of the model that will be taken before this one."""
+        check_job_id(job_id)
         ahead = 0
         for p in PRIORITY_ORDER:
             key = self.queue(model, p).key
@@ -257,6 +260,7 @@ class JobStore:
 
     @translate_redis_errors
     def webhook_attempts(self, job_id: str) -> list[dict[str, Any]]:
+        check_job_id(job_id)
         return [json.loads(x) for x in self.redis.lrange(self.keys.webhook_attempts(job_id), 0, 99)]
 
     # ------------------------------------------------------------------ transitions
@@ -496,6 +500,16 @@ class JobStore:
                 },
                 event={"error": {"type": "worker_lost", "message": reason}},
             )
+
+
+def check_job_id(job_id: str) -> None:
+    """Raise JobNotFound for an id that :func:`~ldm_serve.contract.new_job_id` cannot have made.
+
+    Guards every read keyed by a client-supplied id: ``<id>:events`` and the like must
+    never reach Redis as part of a key (they would address another key of the job).
+    """
+    if not is_job_id(job_id):
+        raise JobNotFound(f"job {str(job_id)[:64]!r} does not exist (not a job id)")
 
 
 def _split_idempotent(value: str | None) -> tuple[str, str] | None:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import redis
 
-from ldm_serve.contract import Keys
+from ldm_serve.contract import Keys, is_job_id
 
 
 class ResultStore(Protocol):
@@ -44,12 +44,16 @@ class RedisResultStore:
         self._redis.set(self._keys.image(job_id, index), data, ex=ttl_s)
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
+        if not is_job_id(job_id):
+            return None
         return self._redis.get(self._keys.image(job_id, index))
 
     def put_input(self, job_id: str, name: str, data: bytes, ttl_s: int) -> None:
         self._redis.set(self._keys.input(job_id, name), data, ex=ttl_s)
 
     def get_input(self, job_id: str, name: str) -> bytes | None:
+        if not is_job_id(job_id):
+            return None
         return self._redis.get(self._keys.input(job_id, name))
 
     def expire_job(self, job_id: str, n_images: int, ttl_s: int) -> None:

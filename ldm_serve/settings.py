@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     max_wait_s: int = Field(default=60, ge=0, le=60, description="longest Prefer: wait")
     max_metadata_bytes: int = Field(default=4096, ge=0)
+    max_metadata_depth: int = Field(default=8, ge=1, description="nesting of `metadata` (its own object = 1)")
+    max_json_depth: int = Field(
+        default=32, ge=2, le=256, description="nesting of a JSON body; deeper bodies are refused before parsing"
+    )
+    max_body_bytes: int | None = Field(
+        default=None,
+        ge=1024,
+        description="largest request body, checked while it streams in (413); default: two max_upload_bytes"
+        " images as base64 plus the other fields. Routes without uploads allow at most 64 KiB"
+        " + 4 x max_prompt_chars + max_metadata_bytes",
+    )
     default_model: str | None = None
 
     # --- auth ----------------------------------------------------------------------------
@@ -61,6 +72,9 @@ class Settings(BaseSettings):
     # --- gateway ---------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    cors_origins: str = Field(
+        default="", description="comma-separated origins allowed by CORS (`*` = any); empty = CORS off"
+    )
 
     # --- worker ----------------------------------------------------------------------------
     model_path: Path | None = None
@@ -144,6 +158,10 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_key_set)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
 
 def owner_of(api_key: str) -> str:

@@ -21,11 +21,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 
 from ldm_serve.errors import InvalidInput, LdmServeError, QueueFull, QueueUnavailable, Unauthorized
 from ldm_serve.jobstore import JobStore, connect
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
+from service.bodies import BodyLimitMiddleware, body_limit
 from service.deps import Gateway
 from service.metrics import GatewayMetrics
 from service.routes import generate, jobs, system
@@ -58,6 +61,12 @@ async def _handle_validation_error(_request: Request, exc: Exception) -> JSONRes
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]
     return error_response(InvalidInput(".".join(loc) or "request", err.get("msg", "invalid")))
+
+
+async def _handle_client_disconnect(request: Request, _exc: Exception) -> JSONResponse:
+    """A client that hangs up mid-body is routine: one info line, no traceback (nobody reads the answer)."""
+    log.info("client disconnected before sending the whole body: %s %s", request.method, request.url.path)
+    return error_response(InvalidInput("body", "the client disconnected before sending the whole body"))
 
 
 async def _reap_forever(gw: Gateway) -> None:
@@ -137,6 +146,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_exception_handler(LdmServeError, _handle_ldm_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
+    # Innermost middleware: an oversize body raises PayloadTooLarge inside the route (-> 413).
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Any:
@@ -148,6 +160,15 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.request_seconds.labels(template, request.method).observe(time.perf_counter() - t0)
         return response
 
+    if settings.cors_origin_list:  # outermost, so that error answers carry CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Idempotent-Replayed", "Preference-Applied"],
+            max_age=600,
+        )
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)

@@ -12,7 +12,7 @@ from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
 from ldm_serve.errors import JobNotFound, QueueUnavailable, Unauthorized
-from ldm_serve.jobstore import JobStore
+from ldm_serve.jobstore import JobStore, check_job_id
 from ldm_serve.results import ResultStore
 from ldm_serve.settings import Settings, owner_of
 from service.metrics import GatewayMetrics
@@ -35,7 +35,12 @@ class Gateway:
         return await run_in_threadpool(fn, *args, **kwargs)
 
     async def visible_job(self, job_id: str, owner: str | None) -> dict[str, str]:
-        """The job record, if it exists and the caller may see it (else JobNotFound)."""
+        """The job record, if it exists and the caller may see it (else JobNotFound).
+
+        Every ``/v1/jobs/{job_id}...`` route starts here: an id not of the job-id format
+        (``<id>:events``, ``../x``) is a 404 ``job_not_found`` before any Redis key is built.
+        """
+        check_job_id(job_id)
         rec = await self.call(self.store.get, job_id)
         if self.settings.auth_enabled and rec.get("owner", "") != (owner or ""):
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")

@@ -57,11 +57,22 @@ def load_image(field: str, data: bytes, *, max_bytes: int, max_pixels: int) -> I
             img.load()
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidInput(field, f"is not a decodable image within the limits ({exc})") from None
+    except UnidentifiedImageError:
+        raise InvalidInput(field, "is not a decodable image (not PNG, JPEG or WebP data)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(field, f"is not a decodable image within the limits ({clean_error(exc)})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(field, f"is not a decodable image ({exc})") from None
+        raise InvalidInput(field, f"is not a decodable image ({clean_error(exc)})") from None
     return img
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def clean_error(exc: BaseException) -> str:
+    """An exception's text fit for a client: object reprs (``<_io.BytesIO object at 0x..>``) removed."""
+    text = _OBJECT_REPR.sub("", str(exc))
+    return re.sub(r"\s{2,}", " ", text).strip(" :") or type(exc).__name__
 
 
 def to_png(img: Image.Image, mode: str) -> bytes:

@@ -4,6 +4,10 @@
 carries its bounds (``ge`` / ``le``) and every string its ``max_length``, so
 ``/openapi.json`` documents each limit and violations come back as 422 errors
 naming the field and the bound.
+
+Numbers and booleans are strict: ``"n": true`` or ``"width": "64"`` is refused, not
+converted (multipart form values are converted explicitly by the inpaint route), and
+floats must be finite (JSON ``NaN`` / ``Infinity`` are refused).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ldm_serve.contract import OutputFormat, Priority, WebhookEventType
 from ldm_serve.settings import Settings
+from service.bodies import json_depth
 
 SEED_MAX = 2**32 - 1
 
@@ -38,29 +43,36 @@ def build_schemas(settings: Settings) -> Schemas:
 
         prompt: str = Field(max_length=s.max_prompt_chars, description="What to draw.")
         negative_prompt: str = Field(default="", max_length=s.max_prompt_chars, description="What to avoid.")
-        n: int = Field(default=1, ge=1, le=s.max_images, description="Number of images.")
+        n: int = Field(default=1, ge=1, le=s.max_images, strict=True, description="Number of images.")
         width: int | None = Field(
-            default=None, ge=8, le=s.max_width, description="Pixels, multiple of 8; default: the model's size."
+            default=None, ge=8, le=s.max_width, strict=True, description="Pixels, multiple of 8; default: the model's size."
         )
         height: int | None = Field(
-            default=None, ge=8, le=s.max_height, description="Pixels, multiple of 8; default: the model's size."
+            default=None, ge=8, le=s.max_height, strict=True, description="Pixels, multiple of 8; default: the model's size."
         )
-        steps: int = Field(default=50, ge=1, le=s.max_steps, description="DDIM steps.")
-        guidance_scale: float = Field(default=7.5, ge=0.0, le=s.max_guidance_scale, description="Classifier-free guidance.")
-        eta: float = Field(default=0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic).")
+        steps: int = Field(default=50, ge=1, le=s.max_steps, strict=True, description="DDIM steps.")
+        guidance_scale: float = Field(
+            default=7.5, ge=0.0, le=s.max_guidance_scale, strict=True, allow_inf_nan=False,
+            description="Classifier-free guidance.",
+        )
+        eta: float = Field(
+            default=0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="DDIM eta (0 = deterministic)."
+        )
         seed: int | None = Field(
-            default=None, ge=0, le=SEED_MAX, description="Seed of image 0; image i uses seed+i. Absent: random."
+            default=None, ge=0, le=SEED_MAX, strict=True, description="Seed of image 0; image i uses seed+i. Absent: random."
         )
         model: str | None = Field(default=None, max_length=128, description="Model id from /v1/models.")
         output_format: OutputFormat = OutputFormat.PNG
-        quality: int = Field(default=90, ge=1, le=100, description="JPEG / WebP quality.")
+        quality: int = Field(default=90, ge=1, le=100, strict=True, description="JPEG / WebP quality.")
         priority: Priority = Priority.NORMAL
         webhook: str | None = Field(default=None, max_length=2048, description="URL to POST signed job events to.")
         webhook_events_filter: list[WebhookEventType] | None = Field(
             default=None, description="Events to send; default start and completed."
         )
         metadata: dict[str, Any] = Field(
-            default_factory=dict, description=f"Client data echoed back; at most {s.max_metadata_bytes} bytes as JSON."
+            default_factory=dict,
+            description=f"Client data echoed back; at most {s.max_metadata_bytes} bytes as JSON,"
+            f" nested at most {s.max_metadata_depth} deep.",
         )
 
         @field_validator("width", "height")
@@ -73,6 +85,9 @@ def build_schemas(settings: Settings) -> Schemas:
         @field_validator("metadata")
         @classmethod
         def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+            depth = json_depth(value)
+            if depth > s.max_metadata_depth:
+                raise ValueError(f"nests {depth} deep, the limit is max_metadata_depth={s.max_metadata_depth}")
             size = len(json.dumps(value))
             if size > s.max_metadata_bytes:
                 raise ValueError(f"is {size} bytes as JSON, the limit is max_metadata_bytes={s.max_metadata_bytes}")
@@ -83,7 +98,7 @@ def build_schemas(settings: Settings) -> Schemas:
 
     class InpaintFields(GenerationBase):
         mask_resize: bool = Field(
-            default=False, description="Resize the mask to the image size instead of refusing a mismatch."
+            default=False, strict=True, description="Resize the mask to the image size instead of refusing a mismatch."
         )
 
     class InpaintRequest(InpaintFields):

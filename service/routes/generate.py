@@ -8,10 +8,12 @@ inputs, enqueue one job and answer ``202`` with the job (or, with
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
 import time
-from typing import Annotated, Any
+import types
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +30,7 @@ from ldm_serve.contract import (
 )
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
 from ldm_serve.jobstore import check_idempotent_reuse
+from service.bodies import load_json, read_json, require_media_type
 from service.deps import Gateway, GatewayDep, OwnerDep
 from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
 from service.routes.jobs import public_job
@@ -36,19 +39,27 @@ from service.streams import wait_for_terminal
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
-_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait(?:\s*=\s*(\d+))?", re.IGNORECASE)
+_SECONDS = re.compile(r"[0-9]{1,9}")
 IDEMPOTENCY_KEY_MAX = 255
 DEFAULT_SIZE = 512
 
 
 def parse_prefer_wait(prefer: str | None, max_wait_s: int) -> int | None:
-    """Seconds requested by ``Prefer: wait[=N]`` (capped at ``max_wait_s``), or None."""
-    if not prefer:
-        return None
-    m = _PREFER_WAIT.search(prefer)
-    if m is None:
-        return None
-    return min(int(m.group(1)) if m.group(1) else max_wait_s, max_wait_s)
+    """Seconds requested by ``Prefer: wait[=N]`` (capped at ``max_wait_s``), or None.
+
+    A bare ``wait`` asks for ``max_wait_s``. A ``wait`` whose value is not a number of
+    seconds (``wait=abc``) is ignored, as RFC 7240 has servers ignore preferences they
+    cannot apply: the answer is the immediate 202, without ``Preference-Applied``.
+    """
+    for pref in (prefer or "").split(","):
+        name, eq, value = pref.split(";", 1)[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        if not eq:
+            return max_wait_s
+        return min(int(value), max_wait_s) if _SECONDS.fullmatch(value) else None
+    return None
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:
@@ -179,7 +190,7 @@ async def txt2img(
     idempotency_key: Annotated[str | None, _idem_header()] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
-    body = await _json_body(request, _body_limit(gw))
+    body = await read_json(request, gw.settings)
     try:
         req = gw.schemas.Txt2ImgRequest.model_validate(body)
     except ValidationError as exc:
@@ -200,8 +211,7 @@ async def inpaint(
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
     s = gw.settings
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
         form = await request.form(max_part_size=s.max_upload_bytes + 1024)
         files: dict[str, bytes] = {}
         fields: dict[str, Any] = {}
@@ -210,7 +220,7 @@ async def inpaint(
                 data = await value.read(s.max_upload_bytes + 1)
                 files[key] = data
             else:
-                fields[key] = _form_value(key, value)
+                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s.max_json_depth)
         for name in ("image", "mask"):
             if name not in files:
                 raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
@@ -220,7 +230,7 @@ async def inpaint(
             raise _first_error(exc) from None
         image_bytes, mask_bytes = files["image"], files["mask"]
     else:
-        body = await _json_body(request, _body_limit(gw))
+        body = await read_json(request, s)
         try:
             req = gw.schemas.InpaintRequest.model_validate(body)
         except ValidationError as exc:
@@ -244,44 +254,71 @@ async def inpaint(
     return await _submit(gw, req, JobKind.INPAINT, owner, idempotency_key, prefer, inputs)
 
 
-async def _json_body(request: Request, max_bytes: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise InvalidInput("body", f"{declared} bytes exceeds the request limit of {max_bytes} bytes")
-    try:
-        return await request.json()
-    except ValueError:
-        raise InvalidInput("body", "is not valid JSON") from None
-
-
-def _body_limit(gw: Gateway) -> int:
-    """JSON bodies may carry two base64 uploads (4/3 of their bytes) plus the other fields."""
-    s = gw.settings
-    return 2 * (s.max_upload_bytes * 4 // 3 + 4) + 4 * s.max_prompt_chars + s.max_metadata_bytes + 65536
-
-
 _LIST_FIELDS = {"webhook_events_filter"}
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _form_value(key: str, value: str) -> Any:
-    """Multipart text fields: lists are comma-separated, JSON objects are parsed."""
+def _scalar_type(annotation: Any) -> Any:
+    """``int`` for ``int | None`` and the like; the annotation itself otherwise."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _form_value(model: type[BaseModel], key: str, value: str, max_json_depth: int) -> Any:
+    """A multipart text field converted to its schema type, with a clear error when it does not parse.
+
+    Form values are always strings; the schema itself is strict, so the conversion
+    happens here: integers (``"4"``), finite numbers (``"7.5"``), booleans
+    (true/false, 1/0, yes/no, on/off), comma-separated lists and JSON ``metadata``.
+    """
     if key in _LIST_FIELDS:
         return [v.strip() for v in value.split(",") if v.strip()]
     if key == "metadata":
-        import json
-
+        return load_json(value, max_json_depth, "metadata")
+    field = model.model_fields.get(key)
+    kind = _scalar_type(field.annotation) if field is not None else str
+    text = value.strip()
+    if kind is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise InvalidInput(key, f"must be true or false, got {value[:32]!r}")
+    if kind is int:
+        if re.fullmatch(r"[+-]?[0-9]{1,20}", text):
+            return int(text)
+        raise InvalidInput(key, f"must be an integer, got {value[:32]!r}")
+    if kind is float:
         try:
-            return json.loads(value)
+            number = float(text)
         except ValueError:
-            raise InvalidInput("metadata", "must be a JSON object") from None
+            raise InvalidInput(key, f"must be a number, got {value[:32]!r}") from None
+        if not math.isfinite(number):
+            raise InvalidInput(key, f"must be a finite number, got {value[:32]!r}")
+        return number
     return value
+
+
+_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object", type(None): "null"}
+_TYPE_MESSAGES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "finite_number": "must be a finite number",
+}
 
 
 def _first_error(exc: ValidationError) -> InvalidInput:
     """Turn pydantic's first error into InvalidInput naming the field and the limit."""
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "body"
-    message = err["msg"]
+    message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "is not a known field"
+    elif err["type"] in _TYPE_MESSAGES:
+        got = err.get("input")
+        shown = repr(got) if isinstance(got, float) else _JSON_TYPES.get(type(got), type(got).__name__)
+        message = f"{_TYPE_MESSAGES[err['type']]}, got {shown}"
     return InvalidInput(field, message)

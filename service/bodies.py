@@ -1,0 +1,161 @@
+"""Reading request bodies within limits: size while streaming, JSON nesting before parsing, media type.
+
+* :class:`BodyLimitMiddleware` counts the bytes of every request body as they arrive
+  and raises :class:`~ldm_serve.errors.PayloadTooLarge` (413) as soon as a body is
+  over its route's limit (or declares a larger ``Content-Length``), so a chunked
+  100 MB body is cut off after the limit, for JSON and multipart alike.
+* :func:`load_json` refuses a body nested deeper than ``max_json_depth`` *before*
+  ``json.loads`` sees it; the depth scan itself never recurses.
+* :func:`require_media_type` answers 415 for a ``Content-Type`` the route does not
+  accept (a cross-site ``text/plain`` form post, for example).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ldm_serve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ldm_serve.settings import Settings
+
+# A JSON string, escapes included; an unterminated one runs to the end. The first greedy
+# attempt always matches, so the scan is linear even on hostile input.
+_STRING = re.compile(rb'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.DOTALL)
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+# Paths whose bodies may carry uploads (two base64 images or multipart files).
+UPLOAD_PATHS = frozenset({"/v1/inpaint"})
+
+
+def check_json_depth(data: bytes, max_depth: int, field: str = "body") -> None:
+    """Raise InvalidInput when ``data`` nests arrays/objects deeper than ``max_depth``.
+
+    Strings are removed, ``{}`` and ``[]`` are kept, and innermost pairs are deleted
+    one level per round (C-speed ``bytes.replace``): a balanced text of depth ``d``
+    vanishes in exactly ``d`` rounds. Brackets left that no round can pair mean the
+    text is not JSON at all; that is refused too, since ``json.loads`` would recurse
+    into every unclosed bracket.
+    """
+    brackets = _STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        reduced = brackets.replace(b"[]", b"")
+        if len(reduced) == len(brackets):
+            break
+        brackets = reduced
+    if not brackets:
+        return
+    if b"[]" in brackets:
+        raise InvalidInput(field, f"nests arrays/objects deeper than max_json_depth={max_depth}")
+    raise InvalidInput(field, "is not valid JSON (its brackets do not balance)")
+
+
+def load_json(data: bytes | str, max_depth: int, field: str = "body") -> Any:
+    """``json.loads`` of a client's text after :func:`check_json_depth`; InvalidInput if malformed."""
+    raw = data.encode() if isinstance(data, str) else data
+    check_json_depth(raw, max_depth, field)
+    try:
+        return json.loads(raw)
+    except RecursionError:  # cannot happen within max_json_depth (<= 256); kept as a last guard
+        raise InvalidInput(field, f"nests arrays/objects deeper than max_json_depth={max_depth}") from None
+    except ValueError:
+        raise InvalidInput(field, "is not valid JSON") from None
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, ``{}`` is 1), without recursion."""
+    depth = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+        else:
+            depth = max(depth, level)
+            continue
+        depth = max(depth, level + 1)
+    return depth
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower-case, without parameters (``""`` when absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def require_media_type(request: Request, *allowed: str) -> str:
+    """The request's media type if it is one of ``allowed``, else UnsupportedMediaType (415)."""
+    mt = media_type(request)
+    if mt not in allowed:
+        raise UnsupportedMediaType("content-type", f"must be {' or '.join(allowed)}, got {mt or 'none'!r}")
+    return mt
+
+
+async def read_json(request: Request, settings: Settings) -> Any:
+    """The request's JSON body (``Content-Type: application/json``), depth-checked, then parsed."""
+    require_media_type(request, "application/json")
+    return load_json(await request.body(), settings.max_json_depth)
+
+
+def fields_allowance(s: Settings) -> int:
+    """Bytes for every non-upload field: both prompts as ``\\u`` escapes, metadata, 64 KiB of the rest."""
+    return 65536 + 24 * s.max_prompt_chars + 2 * s.max_metadata_bytes
+
+
+def body_limit(s: Settings, path: str) -> tuple[int, str]:
+    """The body limit of a path and how the limit is named in the 413 error."""
+    upload_default = 2 * (s.max_upload_bytes * 4 // 3 + 4) + fields_allowance(s)
+    upload = s.max_body_bytes or upload_default
+    if path in UPLOAD_PATHS:
+        return upload, f"max_body_bytes={upload}"
+    small = min(upload, fields_allowance(s))
+    return small, f"{small} bytes (routes without uploads)"
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: a request body over its limit raises PayloadTooLarge from ``receive``.
+
+    The route reading the body gets the exception (mapped to 413 by the app's one
+    error handler); nothing past the limit is read, buffered or spooled to disk.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], tuple[int, str]]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, name = self.limit_for(scope["path"])
+        declared = _content_length(scope)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared is not None and declared > limit:
+                raise PayloadTooLarge("body", f"Content-Length {declared} exceeds the limit of {name}")
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge("body", f"exceeds the limit of {name} (cut off after {received} bytes)")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            text = value.decode("latin-1").strip()
+            return int(text) if text.isascii() and text.isdigit() else None
+    return None
