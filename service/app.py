@@ -24,7 +24,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
-from ldm_serve.errors import InvalidInput, LdmServeError, QueueFull, QueueUnavailable, Unauthorized
+from ldm_serve.errors import (
+    InvalidInput,
+    LdmServeError,
+    PayloadTooLarge,
+    QueueFull,
+    QueueUnavailable,
+    Unauthorized,
+)
 from ldm_serve.jobstore import JobStore, connect
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
@@ -37,6 +44,8 @@ from service.streams import KEEPALIVE_MS
 
 log = logging.getLogger("ldm_serve.gateway")
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that hung up before the answer
+
 
 def error_response(exc: LdmServeError) -> JSONResponse:
     """The one mapping from ``ldm_serve.errors`` to an HTTP response."""
@@ -47,6 +56,8 @@ def error_response(exc: LdmServeError) -> JSONResponse:
         headers["Retry-After"] = "1"
     elif isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(exc, PayloadTooLarge):
+        headers["Connection"] = "close"  # stop reading the rest of the body: the server closes after answering
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
 
@@ -66,7 +77,9 @@ async def _handle_validation_error(_request: Request, exc: Exception) -> JSONRes
 async def _handle_client_disconnect(request: Request, _exc: Exception) -> JSONResponse:
     """A client that hangs up mid-body is routine: one info line, no traceback (nobody reads the answer)."""
     log.info("client disconnected before sending the whole body: %s %s", request.method, request.url.path)
-    return error_response(InvalidInput("body", "the client disconnected before sending the whole body"))
+    response = error_response(InvalidInput("body", "the client disconnected before sending the whole body"))
+    response.status_code = CLIENT_CLOSED_REQUEST  # counted apart from bad input in ldm_http_requests_total
+    return response
 
 
 async def _reap_forever(gw: Gateway) -> None:

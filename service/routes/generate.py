@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from ldm_serve.contract import (
     GenerationPayload,
@@ -212,7 +213,10 @@ async def inpaint(
 ) -> JSONResponse:
     s = gw.settings
     if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
-        form = await request.form(max_part_size=s.max_upload_bytes + 1024)
+        try:
+            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
+        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
         files: dict[str, bytes] = {}
         fields: dict[str, Any] = {}
         for key, value in form.multi_items():

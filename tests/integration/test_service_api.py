@@ -260,7 +260,7 @@ def test_malformed_json_and_unknown_job(service: Service) -> None:
         r = c.post("/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "body"
         r = c.post("/v1/txt2img", content=b" " * 1_000_000, headers={"content-type": "application/json"})
-        assert r.status_code == 422 and "request limit" in r.json()["error"]["message"]
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
         r = c.get("/v1/jobs/doesnotexist")
         assert r.status_code == 404 and r.json()["error"]["type"] == "job_not_found"
         r = submit(c, {"prompt": "key"}, headers={"Idempotency-Key": "k" * 256})

@@ -165,3 +165,16 @@ def test_image_errors_do_not_leak_object_reprs() -> None:
         assert str(info.value).startswith("image: is not a decodable image")
     assert clean_error(OSError("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b>")) == (
         "cannot identify image file")
+
+
+def test_cors_is_off_by_default() -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    from service.app import create_app
+
+    def cors(settings: Settings) -> list:
+        return [m for m in create_app(settings).user_middleware if m.cls is CORSMiddleware]
+
+    assert cors(Settings()) == []
+    (mw,) = cors(Settings(cors_origins="https://a.example, https://b.example"))
+    assert mw.kwargs["allow_origins"] == ["https://a.example", "https://b.example"]
