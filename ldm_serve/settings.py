@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest request body, checked while it streams in (413); default: two max_upload_bytes"
         " images as base64 plus the other fields. Routes without uploads allow at most 64 KiB"
-        " + 4 x max_prompt_chars + max_metadata_bytes",
+        " + 24 x max_prompt_chars + 2 x max_metadata_bytes (or this, if smaller)",
     )
     default_model: str | None = None
 
