@@ -23,26 +23,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ldm_serve.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from ldm_serve.settings import Settings
 
-# A JSON string, escapes included; an unterminated one runs to the end. The first greedy
-# attempt always matches, so the scan is linear even on hostile input.
-_STRING = re.compile(rb'"[^"\\]*(?:\\(?:.|\Z)[^"\\]*)*(?:"|\Z)', re.DOTALL)
+# After escapes are removed, a JSON string is a quote, non-quotes, and a quote (or the end).
+_STRING = re.compile(rb'"[^"]*(?:"|\Z)')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 # Paths whose bodies may carry uploads (two base64 images or multipart files).
 UPLOAD_PATHS = frozenset({"/v1/inpaint"})
 
 
-def check_json_depth(data: bytes, max_depth: int, field: str = "body") -> None:
+def check_json_depth(data: bytes, max_depth: int, field: str = "body", max_structure: int | None = None) -> None:
     """Raise InvalidInput when ``data`` nests arrays/objects deeper than ``max_depth``.
 
-    Strings are removed, ``{}`` and ``[]`` are kept, and innermost pairs are deleted
-    one level per round (C-speed ``bytes.replace``): a balanced text of depth ``d``
-    vanishes in exactly ``d`` rounds. Brackets left that no round can pair mean the
-    text is not JSON at all; that is refused too, since ``json.loads`` would recurse
-    into every unclosed bracket.
+    Escapes are dropped (``\\\\`` then ``\\"``, which tokenises them as JSON does), then
+    everything but quotes and brackets; when more than ``max_structure`` of those are
+    left the text is refused outright (no valid request holds that many). Strings are
+    then removed and innermost bracket pairs deleted one level per round: a balanced
+    text of depth ``d`` vanishes in exactly ``d`` rounds. Brackets that no round can
+    pair mean the text is not JSON; that is refused too, since ``json.loads`` would
+    recurse into every unclosed bracket. Every step is a C-speed bytes operation.
     """
-    brackets = _STRING.sub(b"", data).translate(_BRACKETS, _NOT_BRACKETS)
+    if b"\\" in data:  # (a fast scan; replace() is slower, even with nothing to replace)
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _NOT_STRUCTURE)
+    if max_structure is not None and len(structure) > max_structure:
+        raise InvalidInput(
+            field, f"holds {len(structure)} quotes and brackets, more than a request can ({max_structure})"
+        )
+    brackets = _STRING.sub(b"", structure).translate(_BRACKETS)
     for _ in range(max_depth):
         if not brackets:
             return
@@ -57,10 +65,10 @@ def check_json_depth(data: bytes, max_depth: int, field: str = "body") -> None:
     raise InvalidInput(field, "is not valid JSON (its brackets do not balance)")
 
 
-def load_json(data: bytes | str, max_depth: int, field: str = "body") -> Any:
+def load_json(data: bytes | str, max_depth: int, field: str = "body", max_structure: int | None = None) -> Any:
     """``json.loads`` of a client's text after :func:`check_json_depth`; InvalidInput if malformed."""
     raw = data.encode() if isinstance(data, str) else data
-    check_json_depth(raw, max_depth, field)
+    check_json_depth(raw, max_depth, field, max_structure)
     try:
         return json.loads(raw)
     except RecursionError:  # cannot happen within max_json_depth (<= 256); kept as a last guard
@@ -102,7 +110,7 @@ def require_media_type(request: Request, *allowed: str) -> str:
 async def read_json(request: Request, settings: Settings) -> Any:
     """The request's JSON body (``Content-Type: application/json``), depth-checked, then parsed."""
     require_media_type(request, "application/json")
-    return load_json(await request.body(), settings.max_json_depth)
+    return load_json(await request.body(), settings.max_json_depth, max_structure=fields_allowance(settings))
 
 
 def fields_allowance(s: Settings) -> int:

@@ -31,7 +31,8 @@ from ldm_serve.contract import (
 )
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
 from ldm_serve.jobstore import check_idempotent_reuse
-from service.bodies import load_json, read_json, require_media_type
+from ldm_serve.settings import Settings
+from service.bodies import fields_allowance, load_json, read_json, require_media_type
 from service.deps import Gateway, GatewayDep, OwnerDep
 from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
 from service.routes.jobs import public_job
@@ -224,7 +225,7 @@ async def inpaint(
                 data = await value.read(s.max_upload_bytes + 1)
                 files[key] = data
             else:
-                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s.max_json_depth)
+                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s)
         for name in ("image", "mask"):
             if name not in files:
                 raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
@@ -270,7 +271,7 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
-def _form_value(model: type[BaseModel], key: str, value: str, max_json_depth: int) -> Any:
+def _form_value(model: type[BaseModel], key: str, value: str, settings: Settings) -> Any:
     """A multipart text field converted to its schema type, with a clear error when it does not parse.
 
     Form values are always strings; the schema itself is strict, so the conversion
@@ -280,7 +281,7 @@ def _form_value(model: type[BaseModel], key: str, value: str, max_json_depth: in
     if key in _LIST_FIELDS:
         return [v.strip() for v in value.split(",") if v.strip()]
     if key == "metadata":
-        return load_json(value, max_json_depth, "metadata")
+        return load_json(value, settings.max_json_depth, "metadata", fields_allowance(settings))
     field = model.model_fields.get(key)
     kind = _scalar_type(field.annotation) if field is not None else str
     text = value.strip()

@@ -60,6 +60,10 @@ def test_json_depth_is_checked_before_parsing() -> None:
     # hostile strings are scanned in linear time: an unterminated run of escaped quotes
     with pytest.raises(InvalidInput):
         check_json_depth(b'["' + b'\\"' * 500_000 + b"\\", 8)
+    # a text with more quotes and brackets than any request can hold is refused before it is scanned further
+    with pytest.raises(InvalidInput, match=r"body: holds 2000002 quotes and brackets, more than a request can \(1000\)"):
+        check_json_depth(b"[" + b'"a",' * 1_000_000 + b"1]", 8, max_structure=1000)
+    check_json_depth(b'["a\\\\", "b\\"[", "c]"]', 1, max_structure=10)  # an escaped quote is not structure
     assert load_json(b'{"a": [1, {"b": null}]}', 3) == {"a": [1, {"b": None}]}
     with pytest.raises(InvalidInput, match="body: is not valid JSON"):
         load_json(b"{not json", 32)
@@ -108,7 +112,7 @@ def test_form_values_are_converted_explicitly() -> None:
     form = build_schemas(Settings()).InpaintForm
 
     def conv(key: str, value: str) -> object:
-        return _form_value(form, key, value, 32)
+        return _form_value(form, key, value, Settings())
 
     assert conv("steps", "4") == 4 and conv("seed", " 5 ") == 5 and conv("width", "64") == 64
     assert conv("guidance_scale", "7.5") == 7.5 and conv("mask_resize", "true") is True
