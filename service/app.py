@@ -161,7 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
     # Innermost middleware: an oversize body raises PayloadTooLarge inside the route (-> 413).
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path))
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path), reject=error_response)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Any:

@@ -1,9 +1,9 @@
 """Reading request bodies within limits: size while streaming, JSON nesting before parsing, media type.
 
-* :class:`BodyLimitMiddleware` counts the bytes of every request body as they arrive
-  and raises :class:`~ldm_serve.errors.PayloadTooLarge` (413) as soon as a body is
-  over its route's limit (or declares a larger ``Content-Length``), so a chunked
-  100 MB body is cut off after the limit, for JSON and multipart alike.
+* :class:`BodyLimitMiddleware` answers 413 to a body that declares a ``Content-Length``
+  over its route's limit, and counts the bytes of every other body as they arrive,
+  raising :class:`~ldm_serve.errors.PayloadTooLarge` (413) as soon as it is over, so
+  a chunked 100 MB body is cut off after the limit, for JSON and multipart alike.
 * :func:`load_json` refuses a body nested deeper than ``max_json_depth`` *before*
   ``json.loads`` sees it; the depth scan itself never recurses.
 * :func:`require_media_type` answers 415 for a ``Content-Type`` the route does not
@@ -128,16 +128,30 @@ def body_limit(s: Settings, path: str) -> tuple[int, str]:
     return small, f"{small} bytes (routes without uploads)"
 
 
-class BodyLimitMiddleware:
-    """Pure ASGI middleware: a request body over its limit raises PayloadTooLarge from ``receive``.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
-    The route reading the body gets the exception (mapped to 413 by the app's one
-    error handler); nothing past the limit is read, buffered or spooled to disk.
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: no request body is read past its route's limit.
+
+    * A declared ``Content-Length`` over the limit is answered at once by ``reject``
+      (413), before the route runs or a byte of the body is read.
+    * A streamed body is counted as it arrives; the chunk that crosses the limit makes
+      ``receive`` raise PayloadTooLarge in the route reading it (mapped to 413 by the
+      app's one error handler), so nothing past the limit is buffered or spooled to disk.
+      Routes of other methods do not read bodies; for them (an SSE stream, say) an
+      oversize body reads as the client having gone away.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], tuple[int, str]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str], tuple[int, str]],
+        reject: Callable[[PayloadTooLarge], ASGIApp],
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.reject = reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,16 +159,21 @@ class BodyLimitMiddleware:
             return
         limit, name = self.limit_for(scope["path"])
         declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            exc = PayloadTooLarge("body", f"Content-Length {declared} exceeds the limit of {name}")
+            await self.reject(exc)(scope, receive, send)
+            return
+        raises = scope.get("method", "GET") in _BODY_METHODS
         received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
-            if declared is not None and declared > limit:
-                raise PayloadTooLarge("body", f"Content-Length {declared} exceeds the limit of {name}")
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if not raises:
+                        return {"type": "http.disconnect"}
                     raise PayloadTooLarge("body", f"exceeds the limit of {name} (cut off after {received} bytes)")
             return message
 
