@@ -75,7 +75,7 @@ def test_redis_down_gives_503_and_the_gateway_recovers(tmp_path: Path) -> None:
             server.stop()
             r = c.post("/v1/txt2img", json=body)
             assert r.status_code == 503 and r.json()["error"]["type"] == "queue_unavailable"
-            assert c.get("/v1/jobs/whatever").status_code == 503
+            assert c.get(f"/v1/jobs/{'a' * 26}").status_code == 503  # a well-formed id reaches Redis
             assert c.get("/readyz").status_code == 503
             assert c.get("/healthz").status_code == 200
             server = embedded_redis.EmbeddedValkey(port=port, dir=tmp_path / "valkey2")
