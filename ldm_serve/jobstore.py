@@ -50,6 +50,7 @@ T = TypeVar("T")
 # event JSON, stream maxlen, terminal ("1"/"0"), job id, then field/value pairs to set
 # with the status. A terminal status also frees the job's per-key concurrency slot
 # (the sorted set named by the job's ``quota_key`` field, see ldm_serve.quotas).
+# Returns 0 (refused), 1 (done) or 2 (done, terminal, and the job is to be deleted).
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
@@ -68,6 +69,7 @@ if ARGV[5] == '1' then
   if q and q ~= '' then redis.call('ZREM', q, ARGV[6]) end
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'data', ARGV[3])
+if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], 'delete_requested') == 1 then return 2 end
 return 1
 """
 
@@ -300,16 +302,17 @@ class JobStore:
         ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, (str, int, float)) else json.dumps(v)]
-        done = bool(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
-        if done and to.terminal:
+        result = int(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
+        if result and to.terminal:
             self._finish_rq_job(job_id, to)
+            if result == 2:  # DELETE /v1/jobs/{id} came while the job was live
+                self.delete(job_id)
+                return True
             pipe = self.redis.pipeline(transaction=False)
             for key in self.keys.all_job_keys(job_id):
                 pipe.expire(key, self.settings.result_ttl_s)
             pipe.execute()
-            if self.redis.hget(self.keys.job(job_id), "delete_requested"):
-                self.delete(job_id)  # DELETE /v1/jobs/{id} came while it was running
-        return done
+        return bool(result)
 
     def _finish_rq_job(self, job_id: str, status: JobStatus) -> None:
         rq_status = {

@@ -156,15 +156,15 @@ def test_plain_keys_cannot_fill_the_queue_either(plain_keys: Service) -> None:
 
 
 def test_priority_high_needs_the_right(client: httpx.Client, anonymous: Service) -> None:
+    with anonymous.client() as anon:
+        r = anon.post("/v1/txt2img", json={**BODY, "priority": "high"})
+        assert r.status_code == 403 and r.json()["error"]["field"] == "priority"
     r = client.post("/v1/txt2img", json={**BODY, "priority": "high"}, headers=auth("alice"))
     assert r.status_code == 403, r.text
     assert r.json()["error"]["field"] == "priority"
     ok = client.post("/v1/txt2img", json={**BODY, "priority": "high"}, headers=auth("bob"))
     assert ok.status_code == 202 and ok.json()["parameters"]["priority"] == "high"
     assert client.post("/v1/txt2img", json={**BODY, "priority": "low"}, headers=auth("alice")).status_code == 202
-    with anonymous.client() as anon:
-        r = anon.post("/v1/txt2img", json={**BODY, "priority": "high"})
-        assert r.status_code == 403 and r.json()["error"]["field"] == "priority"
 
 
 def test_one_anonymous_request_cannot_ask_for_unbounded_work(anonymous: Service) -> None:
@@ -182,12 +182,11 @@ def test_one_anonymous_request_cannot_ask_for_unbounded_work(anonymous: Service)
 def test_model_size_bound_comes_from_its_workers(shared: Service) -> None:
     """The tiny model's default size is 64: a worker accepts up to 128 (2x) in multiples of its factor."""
     with shared.client(headers={"Authorization": "Bearer e2e-secret-key"}) as c:
-        models = c.get("/v1/models").json()["data"]
-        assert models[0]["constraints"]["max_width"] == 128
         r = c.post("/v1/txt2img", json={**BODY, "width": 256, "height": 64})
         assert r.status_code == 422, r.text
         err = r.json()["error"]
         assert err["field"] == "width" and "between 16 and 128 pixels for model 'random-untrained'" in err["message"]
+        assert c.get("/v1/models").json()["data"][0]["constraints"]["max_width"] == 128
         r = c.post("/v1/txt2img", json={**BODY, "width": 64, "height": 192})
         assert r.status_code == 422 and r.json()["error"]["field"] == "height"
 
