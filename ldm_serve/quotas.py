@@ -10,8 +10,8 @@ Three limits per subject (an API key's owner id, or ``ip:<address>`` for anonymo
   deadline. A job leaves the set when it reaches a terminal status
   (:meth:`ldm_serve.jobstore.JobStore.transition` removes it in its own Lua step);
   a member whose deadline passed is dropped, and when the set looks full every member
-  is re-checked against its job record (gone or terminal: dropped), so a job that
-  vanished never holds a slot for ever.
+  is re-checked against its job record (gone, terminal, or queued beyond the queue TTL:
+  dropped), so a job that vanished never holds a slot for ever.
 
 A refused request charges nothing. Redis keys (``P`` = ``Settings.redis_prefix``)::
 
@@ -33,7 +33,8 @@ WINDOW_S = 60
 
 # KEYS: rpm bucket, work bucket, active set.
 # ARGV: rpm limit, work limit, work cost, concurrency limit, job id, slot lifetime (s),
-#       job key prefix ("P:job:"), terminal statuses (comma list), now (s; "" = server TIME).
+#       job key prefix ("P:job:"), terminal statuses (comma list), now (s; "" = server TIME),
+#       queue TTL (s: a job queued longer has expired, whether or not anyone noticed yet).
 # Returns {ok, which, limit, remaining, reset_s, retry_after_s}; which is "" on success
 # (then limit/remaining/reset describe the submissions bucket).
 _ADMIT_LUA = """
@@ -80,9 +81,13 @@ if conc_limit > 0 then
   if redis.call('ZCARD', KEYS[3]) >= conc_limit then
     local terminal = {}
     for s in string.gmatch(ARGV[8], '[^,]+') do terminal[s] = true end
+    local queue_ttl = tonumber(ARGV[10])
     for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-      local st = redis.call('HGET', ARGV[7] .. id, 'status')
-      if (not st) or terminal[st] then redis.call('ZREM', KEYS[3], id) end
+      local rec = redis.call('HMGET', ARGV[7] .. id, 'status', 'created_at')
+      local st, created = rec[1], tonumber(rec[2])
+      if (not st) or terminal[st] or (st == 'queued' and created and now - created > queue_ttl) then
+        redis.call('ZREM', KEYS[3], id)
+      end
     end
     if redis.call('ZCARD', KEYS[3]) >= conc_limit then
       return {0, 'concurrent_jobs', conc_limit, 0, -1, -1}
@@ -157,6 +162,7 @@ class QuotaLimiter:
         pixel_steps: int,
         slot_lifetime_s: float,
         now: float | None = None,
+        queue_ttl_s: float = float("inf"),
     ) -> QuotaDecision:
         """Charge one submission of ``pixel_steps`` work and take a concurrency slot for ``job_id``,
         all or nothing.
@@ -169,6 +175,7 @@ class QuotaLimiter:
             slot_lifetime_s: longest the job can stay queued or running; its slot is
                 dropped after that even if nobody ends it.
             now: unix seconds for tests; default: the Redis server's clock.
+            queue_ttl_s: a job queued longer than this has expired and holds no slot.
         """
         res = self._admit(
             keys=[self.rpm_key(subject), self.work_key(subject), self.active_key(subject)],
@@ -182,6 +189,7 @@ class QuotaLimiter:
                 self._keys.job(""),
                 ",".join(sorted(TERMINAL_STATUSES)),
                 "" if now is None else repr(now),
+                repr(float(queue_ttl_s)) if queue_ttl_s != float("inf") else "1e18",
             ],
         )
         ok, which, limit, remaining, reset_s, retry = (int(res[0]), _str(res[1]), *(int(x) for x in res[2:]))

@@ -54,7 +54,8 @@ async def admit(gw: Gateway, caller: Caller, subject: str, payload: GenerationPa
             f" per-job limit max_job_pixel_steps={policy.max_job_pixel_steps}; lower width, height, steps or n",
         )
     decision = await gw.call(
-        gw.limiter.admit, subject, policy, payload.job_id, work, slot_lifetime_s(gw)
+        gw.limiter.admit, subject, policy, payload.job_id, work, slot_lifetime_s(gw),
+        queue_ttl_s=gw.settings.queue_ttl_s,
     )
     if not decision.admitted:
         gw.metrics.jobs_rejected.labels(decision.which or "quota").inc()

@@ -103,6 +103,11 @@ def test_a_vanished_or_expired_job_does_not_hold_a_slot_for_ever(store: JobStore
     store.redis.delete(store.keys.job(job))  # the record expired without any transition
     assert limiter.admit("alice", p, "next", 1, 600).admitted  # recounted lazily when full
     # a slot whose deadline passed is dropped even if its job still looks alive
+    # a job queued longer than the queue TTL has expired, even if nobody read it since
+    old = submit(store, limiter, subject="dan", owner="dan", created_at=time.time() - 100)
+    assert limiter.admit("dan", p, old, 1, 600, queue_ttl_s=1000).admitted
+    assert not limiter.admit("dan", p, "next", 1, 600, queue_ttl_s=1000).admitted
+    assert limiter.admit("dan", p, "next", 1, 600, queue_ttl_s=50).admitted
     alive = submit(store, limiter, subject="carol", owner="carol")
     assert limiter.admit("carol", p, alive, 1, 30, now=T0).admitted
     assert not limiter.admit("carol", p, "y", 1, 30, now=T0 + 29).admitted
