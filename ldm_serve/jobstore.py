@@ -74,6 +74,14 @@ return 1
 """
 
 
+# KEYS: job hash. ARGV: field. Sets field=1 only on an existing record.
+_FLAG_IF_EXISTS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], 1)
+return 1
+"""
+
+
 def translate_redis_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn Redis connectivity errors into QueueUnavailable (503)."""
 
@@ -117,6 +125,7 @@ class JobStore:
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
         self._transition = connection.register_script(_TRANSITION_LUA)
+        self._flag_if_exists = connection.register_script(_FLAG_IF_EXISTS_LUA)
         self._queues: dict[tuple[str, Priority], Queue] = {}
 
     def queue(self, model: str, priority: Priority | str) -> Queue:
@@ -253,7 +262,7 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, str]:
         """The job hash as ``str -> str``; raises JobNotFound."""
         raw = self.redis.hgetall(self.keys.job(job_id))
-        if not raw:
+        if not raw or b"payload" not in raw:  # a late worker write after a delete leaves only stray fields
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
         return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -589,8 +598,12 @@ class JobStore:
 
     @translate_redis_errors
     def request_delete(self, job_id: str) -> None:
-        """Delete the job as soon as it reaches a terminal status (see :meth:`transition`)."""
-        self.redis.hset(self.keys.job(job_id), "delete_requested", 1)
+        """Delete the job as soon as it reaches a terminal status (see :meth:`transition`).
+
+        Raises JobNotFound if the job is already gone (never re-creates a partial record).
+        """
+        if not self._flag_if_exists(keys=[self.keys.job(job_id)], args=["delete_requested"]):
+            raise JobNotFound(f"job {job_id!r} does not exist or has expired")
 
     @translate_redis_errors
     def delete(self, job_id: str) -> bool:

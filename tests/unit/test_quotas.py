@@ -208,3 +208,11 @@ def test_webhook_payloads_carry_signed_image_urls_when_enabled(store: JobStore) 
     url = event["data"]["images"][0]["url"]
     assert url.startswith(f"https://img.example.com/v1/jobs/{payload.job_id}/images/0?expires=")
     assert "&signature=" in url
+
+
+def test_request_delete_never_recreates_a_deleted_record(store: JobStore, limiter: QuotaLimiter) -> None:
+    job = submit(store, limiter)
+    assert store.delete(job)
+    with pytest.raises(JobNotFound):
+        store.request_delete(job)
+    assert not store.redis.exists(store.keys.job(job))
