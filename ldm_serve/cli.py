@@ -141,6 +141,21 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_hash_key(args: argparse.Namespace) -> int:
+    from ldm_serve.keys import hash_key, new_key
+
+    if args.new:
+        key = new_key()
+        print(f"key (give it to the client; it is not stored): {key}", file=sys.stderr)
+    else:
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not key:
+        print("error: empty key", file=sys.stderr)
+        return 2
+    print(f'[[keys]]\nname = "{args.name}"\nsha256 = "{hash_key(key)}"')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=None)
     onnx.add_argument("--check", action="store_true", help="run both files with onnxruntime and compare with eager")
     onnx.set_defaults(func=_cmd_export_onnx)
+
+    hk = sub.add_parser("hash-key", help="print the sha256 of an API key for LDM_API_KEYS_FILE (--new: make one)")
+    hk.add_argument("key", nargs="?", help="the key (default: read from stdin)")
+    hk.add_argument("--new", action="store_true", help="generate a random key and print it with its hash")
+    hk.add_argument("--name", default="my-key", help="name for the printed keys-file entry")
+    hk.set_defaults(func=_cmd_hash_key)
 
     try:
         from ldm_serve.serving_cli import add_serving_commands

@@ -14,6 +14,8 @@ Redis layout (``P`` is ``Settings.redis_prefix``, default ``ldm``)::
     P:job:{id}:input:{name}   string uploaded inpainting inputs (PNG bytes)
     P:job:{id}:webhooks       list   JSON records of webhook delivery attempts
     P:idem:{owner}:{key}      string job id created for an Idempotency-Key
+    P:owner:{owner}:jobs      zset   the owner's job ids by created_at ("-" = anonymous; pruned on read)
+    P:quota:{subject}:...     quotas of a key or anonymous address (ldm_serve.quotas)
     P:workers                 hash   worker name -> WorkerInfo JSON
     P:worker:{name}:hb        string heartbeat, expires after Settings.heartbeat_ttl_s
     P:worker:{name}:jobs      set    ids of the jobs the worker is running
@@ -153,6 +155,17 @@ def batch_key(model: str, width: int, height: int) -> str:
     return f"{model}|{width}x{height}"
 
 
+class ModelConstraints(BaseModel):
+    """What a worker's model can run, advertised with its heartbeat; the gateway refuses any
+    other request at submit time (:mod:`ldm_serve.model_limits`). More of the model's limits
+    (steps, guidance, inpainting) belong here as well."""
+
+    size_multiple: int = Field(ge=1)
+    min_side: int = Field(ge=1)
+    max_width: int = Field(ge=1)
+    max_height: int = Field(ge=1)
+
+
 class WorkerInfo(BaseModel):
     """What a worker advertises in the registry (``/v1/models`` is built from these)."""
 
@@ -164,6 +177,7 @@ class WorkerInfo(BaseModel):
     downsample_factor: int | None = None
     max_prompt_tokens: int | None = None
     max_batch_rows: int
+    constraints: ModelConstraints | None = None  # None: a worker of an older version (settings bounds only)
     pid: int
     host: str
     started_at: float
@@ -225,6 +239,9 @@ class Keys:
 
     def idempotency(self, owner: str | None, key: str) -> str:
         return f"{self.prefix}:idem:{owner or '-'}:{key}"
+
+    def owner_jobs(self, owner: str | None) -> str:
+        return f"{self.prefix}:owner:{owner or '-'}:jobs"
 
     @property
     def models(self) -> str:

@@ -17,6 +17,8 @@ the model code raises them and never thinks about transport codes.
     │   └── TokenizerFilesMissing (FileNotFoundError) -> 500  vocab / merges files absent
     ├── JobNotFound                           -> 404
     ├── QueueFull                             -> 429  (with Retry-After)
+    ├── RateLimited                           -> 429  a key's quota is spent (Retry-After, RateLimit-*)
+    ├── Forbidden                             -> 403  a valid key without the right (priority high, admin)
     ├── QueueUnavailable                      -> 503  Redis unreachable
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
@@ -171,3 +173,55 @@ class ResultNotReady(LdmServeError):
 
     http_status = 409
     code = "result_not_ready"
+
+
+class RateLimited(LdmServeError):
+    """A per-key quota refuses the job (ldm_serve.quotas); nothing was charged.
+
+    Args:
+        message: what limit, its value and when to retry.
+        limit_name: ``requests_per_minute``, ``pixel_steps_per_minute`` or ``concurrent_jobs``.
+        limit: the limit's value; ``remaining``: what is left of it now.
+        reset_s: seconds until the limit is whole again (None: unknown, e.g. concurrency).
+        retry_after_s: seconds until this request could be admitted.
+        window_s: the limit's time window (0 for concurrency).
+    """
+
+    http_status = 429
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit_name: str,
+        limit: int,
+        remaining: int,
+        reset_s: int | None,
+        retry_after_s: int,
+        window_s: int,
+    ) -> None:
+        self.limit_name = limit_name
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_s = reset_s
+        self.retry_after_s = retry_after_s
+        self.window_s = window_s
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": self.code, "limit": self.limit_name, "message": str(self)}
+
+
+class Forbidden(LdmServeError):
+    """The caller is known but lacks the right for this request (``field`` names what was refused)."""
+
+    http_status = 403
+    code = "forbidden"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": self.code, "field": self.field, "message": str(self)}

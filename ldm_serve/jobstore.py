@@ -48,7 +48,10 @@ EVENTS_MAXLEN = 2000
 T = TypeVar("T")
 
 # KEYS: job hash, events stream. ARGV: allowed-from (comma list), new status,
-# event JSON, stream maxlen, then field/value pairs to set with the status.
+# event JSON, stream maxlen, terminal ("1"/"0"), job id, then field/value pairs to set
+# with the status. A terminal status also frees the job's per-key concurrency slot
+# (the sorted set named by the job's ``quota_key`` field, see ldm_serve.quotas).
+# Returns 0 (refused), 1 (done) or 2 (done, terminal, and the job is to be deleted).
 _TRANSITION_LUA = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return 0 end
@@ -57,12 +60,25 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == cur then ok = true end
 end
 if not ok then return 0 end
-if #ARGV > 4 then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 5))
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 7))
 else
   redis.call('HSET', KEYS[1], 'status', ARGV[2])
 end
+if ARGV[5] == '1' then
+  local q = redis.call('HGET', KEYS[1], 'quota_key')
+  if q and q ~= '' then redis.call('ZREM', q, ARGV[6]) end
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'type', 'status', 'data', ARGV[3])
+if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], 'delete_requested') == 1 then return 2 end
+return 1
+"""
+
+
+# KEYS: job hash. ARGV: field. Sets field=1 only on an existing record.
+_FLAG_IF_EXISTS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], 1)
 return 1
 """
 
@@ -110,6 +126,7 @@ class JobStore:
         self.settings = settings
         self.keys = Keys(settings.redis_prefix)
         self._transition = connection.register_script(_TRANSITION_LUA)
+        self._flag_if_exists = connection.register_script(_FLAG_IF_EXISTS_LUA)
         self._queues: dict[tuple[str, Priority], Queue] = {}
 
     def queue(self, model: str, priority: Priority | str) -> Queue:
@@ -154,7 +171,11 @@ class JobStore:
 
     @translate_redis_errors
     def submit(
-        self, payload: GenerationPayload, idempotency_key: str | None = None, fingerprint: str = ""
+        self,
+        payload: GenerationPayload,
+        idempotency_key: str | None = None,
+        fingerprint: str = "",
+        quota_key: str = "",
     ) -> tuple[str, bool]:
         """Record and enqueue a job.
 
@@ -163,6 +184,8 @@ class JobStore:
             idempotency_key: the client's Idempotency-Key, if any.
             fingerprint: a digest of the request body, recorded with the key so that a
                 reuse of the key with another body can be refused.
+            quota_key: the concurrency set holding the job's slot (ldm_serve.quotas), freed
+                when the job reaches a terminal status.
 
         Returns:
             ``(job_id, created)``; ``created`` is False when ``idempotency_key`` was
@@ -219,9 +242,13 @@ class JobStore:
                 "step": 0,
                 "total": 0,
                 "images": 0,
+                "quota_key": quota_key,
             },
         )
         pipe.expire(self.keys.job(job_id), lifetime)
+        owner_index = self.keys.owner_jobs(payload.owner)
+        pipe.zadd(owner_index, {job_id: now})
+        pipe.expire(owner_index, lifetime)
         pipe.xadd(
             self.keys.events(job_id),
             {"type": EventType.STATUS.value, "data": json.dumps({"status": "queued"})},
@@ -237,7 +264,7 @@ class JobStore:
         """The job hash as ``str -> str``; raises JobNotFound (also for an id of the wrong format)."""
         check_job_id(job_id)
         raw = self.redis.hgetall(self.keys.job(job_id))
-        if not raw:
+        if not raw or b"payload" not in raw:  # a late worker write after a delete leaves only stray fields
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
         return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -283,17 +310,22 @@ class JobStore:
             to.value,
             json.dumps({"status": to.value, **(event or {})}),
             EVENTS_MAXLEN,
+            "1" if to.terminal else "0",
+            job_id,
         ]
         for k, v in (fields or {}).items():
             args += [k, v if isinstance(v, (str, int, float)) else json.dumps(v)]
-        done = bool(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
-        if done and to.terminal:
+        result = int(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
+        if result and to.terminal:
             self._finish_rq_job(job_id, to)
+            if result == 2:  # DELETE /v1/jobs/{id} came while the job was live
+                self.delete(job_id)
+                return True
             pipe = self.redis.pipeline(transaction=False)
             for key in self.keys.all_job_keys(job_id):
                 pipe.expire(key, self.settings.result_ttl_s)
             pipe.execute()
-        return done
+        return bool(result)
 
     def _finish_rq_job(self, job_id: str, status: JobStatus) -> None:
         rq_status = {
@@ -500,6 +532,109 @@ class JobStore:
                 },
                 event={"error": {"type": "worker_lost", "message": reason}},
             )
+
+    # ------------------------------------------------------------------ listing and deletion
+    def owner_index_horizon(self) -> float:
+        """Jobs created before this unix time have expired from Redis whatever happened to them."""
+        s = self.settings
+        return time.time() - (s.queue_ttl_s + s.job_timeout_s * s.max_attempts + s.result_ttl_s + 60)
+
+    @translate_redis_errors
+    def list_jobs(
+        self,
+        owner: str | None,
+        *,
+        limit: int,
+        statuses: frozenset[str] | None = None,
+        after: tuple[float, str] | None = None,
+        scan_max: int = 1000,
+    ) -> tuple[list[dict[str, str]], tuple[float, str] | None]:
+        """An owner's job records, newest first, from the owner index (``Keys.owner_jobs``).
+
+        Args:
+            owner: the owner id (None: anonymous jobs).
+            limit: most records returned.
+            statuses: only jobs in these statuses.
+            after: continue after this ``(created_at, job_id)`` (the cursor of the previous page).
+            scan_max: most index entries examined in one call (a status filter may skip many).
+
+        Returns:
+            ``(records, cursor)``; ``cursor`` is None when the index is exhausted, else the
+            position to pass as ``after`` for the next page. Entries whose job expired or was
+            deleted are pruned from the index on the way.
+        """
+        key = self.keys.owner_jobs(owner)
+        self.redis.zremrangebyscore(key, "-inf", self.owner_index_horizon())
+        top: float | str = "+inf" if after is None else after[0]
+        out: list[dict[str, str]] = []
+        stale: list[str] = []
+        offset, scanned = 0, 0
+        cursor: tuple[float, str] | None = None
+        try:
+            while True:
+                entries = self.redis.zrevrangebyscore(
+                    key, top, "-inf", start=offset, num=max(2 * limit, 50), withscores=True
+                )
+                if not entries:
+                    return out, None
+                offset += len(entries)
+                pipe = self.redis.pipeline(transaction=False)
+                for raw_id, _score in entries:
+                    pipe.hgetall(self.keys.job(raw_id.decode()))
+                for (raw_id, score), raw in zip(entries, pipe.execute(), strict=True):
+                    job_id = raw_id.decode()
+                    if after is not None and score == after[0] and job_id >= after[1]:
+                        continue  # returned on an earlier page (equal scores come in descending id order)
+                    scanned += 1
+                    cursor = (float(score), job_id)
+                    if not raw or b"payload" not in raw:
+                        stale.append(job_id)
+                        continue
+                    rec = {k.decode(): v.decode() for k, v in raw.items()}
+                    if statuses is None or rec.get("status") in statuses:
+                        out.append(rec)
+                    if len(out) >= limit or scanned >= scan_max:
+                        return out, cursor
+        finally:
+            if stale:
+                self.redis.zrem(key, *stale)
+
+    @translate_redis_errors
+    def request_delete(self, job_id: str) -> None:
+        """Delete the job as soon as it reaches a terminal status (see :meth:`transition`).
+
+        Raises JobNotFound if the job is already gone (never re-creates a partial record).
+        """
+        check_job_id(job_id)
+        if not self._flag_if_exists(keys=[self.keys.job(job_id)], args=["delete_requested"]):
+            raise JobNotFound(f"job {job_id!r} does not exist or has expired")
+
+    @translate_redis_errors
+    def delete(self, job_id: str) -> bool:
+        """Remove a job's record, events, images, inputs, webhook log, RQ job and index entries.
+
+        The caller cancels a live job first. Returns False if the job did not exist.
+        """
+        check_job_id(job_id)
+        raw = self.redis.hmget(self.keys.job(job_id), ["payload", "owner", "quota_key", "model", "priority"])
+        if raw[0] is None:
+            return False
+        payload = GenerationPayload.model_validate_json(raw[0])
+        keys = [
+            *self.keys.all_job_keys(job_id),
+            *(self.keys.image(job_id, i) for i in range(payload.n)),
+            self.keys.input(job_id, "image"),
+            self.keys.input(job_id, "mask"),
+            Job.key_for(job_id),
+        ]
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(*keys)
+        pipe.zrem(self.keys.owner_jobs(payload.owner), job_id)
+        if _s(raw[2]):
+            pipe.zrem(_s(raw[2]), job_id)
+        pipe.lrem(self.queue(payload.model, payload.priority).key, 0, job_id)
+        pipe.execute()
+        return True
 
 
 def check_job_id(job_id: str) -> None:

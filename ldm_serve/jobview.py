@@ -7,6 +7,7 @@ worker (webhook event bodies), so a client sees one representation everywhere.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,9 +21,16 @@ def iso(ts: str | float | None) -> str | None:
     return datetime.fromtimestamp(float(ts), tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def job_links(job_id: str) -> dict[str, str]:
+def job_links(job_id: str, signer: Callable[[str], str] | None = None) -> dict[str, str]:
+    """Relative links of a job; with ``signer`` (signed URLs on) the events link is absolute and signed."""
     base = f"/v1/jobs/{job_id}"
-    return {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
+    events = f"{base}/events"
+    return {"self": base, "events": signer(events) if signer else events, "cancel": f"{base}/cancel"}
+
+
+def image_url(job_id: str, index: int, signer: Callable[[str], str] | None = None) -> str:
+    path = f"/v1/jobs/{job_id}/images/{index}"
+    return signer(path) if signer else path
 
 
 def job_view(
@@ -30,8 +38,13 @@ def job_view(
     *,
     queue_position: int | None = None,
     webhook_attempts: list[dict[str, Any]] | None = None,
+    signer: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
-    """Public job dict from the record hash written by :class:`ldm_serve.jobstore.JobStore`."""
+    """Public job dict from the record hash written by :class:`ldm_serve.jobstore.JobStore`.
+
+    ``signer`` (:func:`ldm_serve.signing.url_signer`) makes image and events links absolute
+    signed URLs that work without an API key.
+    """
     payload = GenerationPayload.model_validate_json(rec["payload"])
     job_id = payload.job_id
     fmt = OutputFormat(payload.output_format)
@@ -68,11 +81,11 @@ def job_view(
         },
         "metadata": payload.metadata,
         "images": [
-            {"index": i, "seed": payload.seeds[i], "url": f"/v1/jobs/{job_id}/images/{i}", "content_type": fmt.content_type}
+            {"index": i, "seed": payload.seeds[i], "url": image_url(job_id, i, signer), "content_type": fmt.content_type}
             for i in done
         ],
         "batch": json.loads(rec["batch"]) if rec.get("batch") else None,
-        "links": job_links(job_id),
+        "links": job_links(job_id, signer),
     }
     if payload.webhook is not None:
         view["webhook"] = {

@@ -60,6 +60,36 @@ class Settings(BaseSettings):
 
     # --- auth ----------------------------------------------------------------------------
     api_keys: str = Field(default="", description="comma-separated bearer keys; empty = no auth")
+    api_keys_file: Path | None = Field(
+        default=None, description="JSON or TOML file of sha256-hashed keys with per-key policies (ldm_serve/keys.py)"
+    )
+    metrics_require_admin: bool = Field(default=False, description="/metrics only for keys with admin = true")
+
+    # --- quotas: the default policy (anonymous callers and keys without their own limits); 0 = unlimited -----
+    quota_requests_per_minute: int = Field(default=600, ge=0, description="job submissions per key per minute")
+    quota_concurrent_jobs: int = Field(default=64, ge=0, description="queued + running jobs per key")
+    quota_pixel_steps_per_minute: int = Field(
+        default=1_000_000_000, ge=0, description="work budget per key per minute: width*height*steps*n summed"
+    )
+    max_job_pixel_steps: int = Field(
+        default=512 * 512 * 50 * 4, ge=0, description="largest width*height*steps*n of one job"
+    )
+    default_priority_high: bool = Field(
+        default=False, description="may anonymous callers and keys without a policy send priority: high"
+    )
+
+    # --- model size bound (worker; advertised in its heartbeat) ---------------------------------
+    max_size_factor: float = Field(
+        default=2.0, gt=0, description="largest side a worker accepts: this x its model's default size"
+    )
+    model_max_side: int | None = Field(default=None, ge=8, description="worker: explicit largest side (pixels)")
+
+    # --- signed, absolute result URLs (off unless public_base_url is set) ---------------------------
+    public_base_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s?#]+$", description="e.g. https://api.example.com; enables signed URLs"
+    )
+    url_signing_secret: str | None = Field(default=None, min_length=16, description="HMAC key of signed URLs")
+    signed_url_ttl_s: int = Field(default=3600, ge=1, description="lifetime of a signed image / events URL")
 
     # --- webhooks ------------------------------------------------------------------------
     webhook_secret: str | None = Field(default=None, description="whsec_<base64>")
@@ -149,6 +179,15 @@ class Settings(BaseSettings):
             raise ValueError(f"engine_buckets must be strictly ascending positive sizes, got {self.engine_buckets}")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_ttl_s must be longer than heartbeat_interval_s")
+        if self.metrics_require_admin and self.api_keys_file is None:
+            raise ValueError("metrics_require_admin needs api_keys_file (admin keys are declared there)")
+        if self.public_base_url and not self.url_signing_secret:
+            raise ValueError("public_base_url needs url_signing_secret (at least 16 characters) to sign URLs")
+        if 0 < self.quota_pixel_steps_per_minute < self.max_job_pixel_steps:
+            raise ValueError(
+                f"max_job_pixel_steps ({self.max_job_pixel_steps}) must not exceed quota_pixel_steps_per_minute"
+                f" ({self.quota_pixel_steps_per_minute}): such a job could never be admitted"
+            )
         return self
 
     @property
@@ -157,7 +196,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_key_set)
+        return bool(self.api_key_set) or self.api_keys_file is not None
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -30,11 +30,16 @@ from ldm_serve.errors import (
     PayloadTooLarge,
     QueueFull,
     QueueUnavailable,
+    RateLimited,
     Unauthorized,
 )
 from ldm_serve.jobstore import JobStore, connect
+from ldm_serve.keys import load_keyring
+from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
+from ldm_serve.signing import url_signer
+from service.admission import rate_limit_headers
 from service.bodies import BodyLimitMiddleware, body_limit
 from service.deps import Gateway
 from service.metrics import GatewayMetrics
@@ -58,6 +63,8 @@ def error_response(exc: LdmServeError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(exc, PayloadTooLarge):
         headers["Connection"] = "close"  # stop reading the rest of the body: the server closes after answering
+    elif isinstance(exc, RateLimited):
+        headers.update(rate_limit_headers(exc))
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
 
@@ -126,6 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the gateway for ``settings``."""
     schemas = build_schemas(settings)
     metrics = GatewayMetrics()
+    keyring = load_keyring(settings)  # a bad keys file stops the gateway at start-up
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +147,10 @@ def create_app(settings: Settings) -> FastAPI:
             socket_timeout=max(settings.max_wait_s, KEEPALIVE_MS / 1000) + settings.redis_socket_timeout_s,
             health_check_interval=10,
         )
-        gw = Gateway(settings, store, aredis, RedisResultStore(conn, store.keys), schemas, metrics)
+        gw = Gateway(
+            settings, store, aredis, RedisResultStore(conn, store.keys), schemas, metrics,
+            keyring=keyring, limiter=QuotaLimiter(conn, store.keys), signer=url_signer(settings),
+        )
         app.state.gateway = gw
         reaper = asyncio.create_task(_reap_forever(gw))
         try:

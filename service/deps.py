@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -13,8 +12,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ldm_serve.errors import JobNotFound, QueueUnavailable, Unauthorized
 from ldm_serve.jobstore import JobStore, check_job_id
+from ldm_serve.keys import Caller, KeyRing
+from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.results import ResultStore
-from ldm_serve.settings import Settings, owner_of
+from ldm_serve.settings import Settings
+from ldm_serve.signing import UrlSigner
 from service.metrics import GatewayMetrics
 from service.schemas import Schemas
 
@@ -29,20 +31,24 @@ class Gateway:
     results: ResultStore
     schemas: Schemas
     metrics: GatewayMetrics
+    keyring: KeyRing  # accepted keys and their policies (ldm_serve.keys)
+    limiter: QuotaLimiter  # per-key quotas (ldm_serve.quotas)
+    signer: UrlSigner | None = None  # signed absolute result URLs, when public_base_url is set
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking store call off the event loop."""
         return await run_in_threadpool(fn, *args, **kwargs)
 
-    async def visible_job(self, job_id: str, owner: str | None) -> dict[str, str]:
+    async def visible_job(self, job_id: str, owner: str | None, *, signed: bool = False) -> dict[str, str]:
         """The job record, if it exists and the caller may see it (else JobNotFound).
 
         Every ``/v1/jobs/{job_id}...`` route starts here: an id not of the job-id format
         (``<id>:events``, ``../x``) is a 404 ``job_not_found`` before any Redis key is built.
+        ``signed``: the request carries a valid signed URL for this job, which stands for its owner.
         """
         check_job_id(job_id)
         rec = await self.call(self.store.get, job_id)
-        if self.settings.auth_enabled and rec.get("owner", "") != (owner or ""):
+        if self.settings.auth_enabled and not signed and rec.get("owner", "") != (owner or ""):
             raise JobNotFound(f"job {job_id!r} does not exist or has expired")
         if await self.call(self.store.expire_if_stale, job_id, rec):
             rec = await self.call(self.store.get, job_id)
@@ -56,20 +62,35 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def current_owner(gw: GatewayDep, authorization: Annotated[str | None, Header()] = None) -> str | None:
-    """The caller's owner id when API keys are on (401 without a valid key), else None."""
-    if not gw.settings.auth_enabled:
-        return None
+def current_caller(gw: GatewayDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    """The caller (owner id and key policy) when API keys are on (401 without a valid key), else anonymous."""
+    if not gw.keyring.enabled:
+        return gw.keyring.anonymous()
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("authorization: send `Authorization: Bearer <api key>`")
-    token = token.strip()
-    if not any(hmac.compare_digest(token.encode(), k.encode()) for k in gw.settings.api_key_set):
+    caller = gw.keyring.lookup(token.strip())
+    if caller is None:
         raise Unauthorized("authorization: the API key is not valid")
-    return owner_of(token)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+
+
+def current_owner(caller: CallerDep) -> str | None:
+    """The caller's owner id when API keys are on, else None."""
+    return caller.owner
 
 
 OwnerDep = Annotated[str | None, Depends(current_owner)]
+
+
+def quota_subject(caller: Caller, request: Request) -> str:
+    """Whose quota a request spends: the key's owner id, or the client address when auth is off."""
+    if caller.owner is not None:
+        return caller.owner
+    return f"ip:{request.client.host if request.client else 'unknown'}"
 
 
 def translate_async_redis(exc: Exception) -> Exception:

@@ -29,9 +29,10 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from ldm_serve.contract import WorkerInfo
+from ldm_serve.contract import ModelConstraints, WorkerInfo
 from ldm_serve.errors import QueueUnavailable
 from ldm_serve.jobstore import JobStore, connect
+from ldm_serve.model_limits import model_constraints
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
 from worker.batching import BatchCollector
@@ -92,6 +93,15 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
     return pipeline
 
 
+def _constraints(pipeline: Any, settings: Settings) -> ModelConstraints | None:
+    """The sizes this worker's model runs (None for a pipeline that does not say)."""
+    default_size = getattr(pipeline, "default_size", None)
+    if not default_size:
+        return None
+    multiple = getattr(pipeline, "size_multiple", None) or getattr(pipeline, "downsample_factor", None) or 8
+    return model_constraints(int(default_size), int(multiple), settings)
+
+
 class Worker:
     """One generation worker bound to one loaded pipeline.
 
@@ -148,6 +158,7 @@ class Worker:
             downsample_factor=getattr(p, "downsample_factor", None),
             max_prompt_tokens=getattr(p, "max_prompt_tokens", None),
             max_batch_rows=self.settings.max_batch_rows,
+            constraints=_constraints(p, self.settings),
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=time.time(),

@@ -16,6 +16,7 @@ from ldm_serve.contract import GenerationPayload, WebhookEventType, webhook_queu
 from ldm_serve.jobstore import JobStore
 from ldm_serve.jobview import job_view
 from ldm_serve.settings import Settings
+from ldm_serve.signing import url_signer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class WebhookEmitter:
         self.queue_name = webhook_queue_name(settings.redis_prefix)
         self._last_progress: dict[str, float] = {}
         self._on_enqueue = on_enqueue
+        self._signer = url_signer(settings)  # signed absolute result URLs when public_base_url is set
 
     def emit(self, payload: GenerationPayload, event: WebhookEventType) -> bool:
         """Enqueue ``event`` for the job if its webhook filter includes it. Returns whether it did."""
@@ -61,7 +63,7 @@ class WebhookEmitter:
         body = {
             "type": event_type(event, rec["status"]),
             "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-            "data": job_view(rec),
+            "data": job_view(rec, signer=self._signer),
         }
         enqueue_webhook(
             self.store.redis,

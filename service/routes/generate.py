@@ -31,9 +31,11 @@ from ldm_serve.contract import (
 )
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
 from ldm_serve.jobstore import check_idempotent_reuse
+from ldm_serve.keys import Caller
 from ldm_serve.settings import Settings
+from service.admission import admit, admitted_headers
 from service.bodies import fields_allowance, load_json, read_json, require_media_type
-from service.deps import Gateway, GatewayDep, OwnerDep
+from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
 from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
 from service.routes.jobs import public_job
 from service.schemas import SEED_MAX
@@ -100,12 +102,14 @@ async def _submit(
     gw: Gateway,
     req: BaseModel,
     kind: JobKind,
-    owner: str | None,
+    caller: Caller,
+    subject: str,
     idempotency_key: str | None,
     prefer: str | None,
     inputs: tuple[bytes, bytes, int, int] | None = None,
 ) -> JSONResponse:
     s = gw.settings
+    owner = caller.owner
     wait_s = parse_prefer_wait(prefer, s.max_wait_s)
     fingerprint = request_fingerprint(kind, req, inputs)
     if idempotency_key is not None:
@@ -153,22 +157,32 @@ async def _submit(
         owner=owner,
         created_at=time.time(),
     )
-    if inputs is not None:
-        lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-        await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
-        await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
+    quota = await admit(gw, caller, subject, payload)  # 422 / 403 / 429 before anything is stored
+    quota_key = gw.limiter.active_key(subject) if caller.policy.concurrent_jobs else ""
     try:
-        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint)
+        if inputs is not None:
+            lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
+            await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
+            await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
+        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint, quota_key)
     except QueueFull:
+        await gw.call(gw.limiter.release, subject, payload.job_id)
         gw.metrics.jobs_rejected.labels("queue_full").inc()
+        raise
+    except Exception:
+        await gw.call(gw.limiter.release, subject, payload.job_id)
         raise
     if created:
         gw.metrics.jobs_submitted.labels(model, kind.value).inc()
-    return await _respond(gw, job_id, wait_s, replayed=not created)
+    else:
+        await gw.call(gw.limiter.release, subject, payload.job_id)
+    return await _respond(gw, job_id, wait_s, replayed=not created, extra_headers=admitted_headers(quota))
 
 
-async def _respond(gw: Gateway, job_id: str, wait_s: int | None, *, replayed: bool) -> JSONResponse:
-    headers = {"Location": f"/v1/jobs/{job_id}"}
+async def _respond(
+    gw: Gateway, job_id: str, wait_s: int | None, *, replayed: bool, extra_headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{job_id}", **(extra_headers or {})}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if wait_s:
@@ -188,7 +202,7 @@ def _idem_header() -> Any:
 async def txt2img(
     request: Request,
     gw: GatewayDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, _idem_header()] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
@@ -197,7 +211,7 @@ async def txt2img(
         req = gw.schemas.Txt2ImgRequest.model_validate(body)
     except ValidationError as exc:
         raise _first_error(exc) from None
-    return await _submit(gw, req, JobKind.TXT2IMG, owner, idempotency_key, prefer)
+    return await _submit(gw, req, JobKind.TXT2IMG, caller, quota_subject(caller, request), idempotency_key, prefer)
 
 
 @router.post(
@@ -208,7 +222,7 @@ async def txt2img(
 async def inpaint(
     request: Request,
     gw: GatewayDep,
-    owner: OwnerDep,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, _idem_header()] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
@@ -256,7 +270,8 @@ async def inpaint(
         max_width=s.max_width,
         max_height=s.max_height,
     )
-    return await _submit(gw, req, JobKind.INPAINT, owner, idempotency_key, prefer, inputs)
+    subject = quota_subject(caller, request)
+    return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
 
 
 _LIST_FIELDS = {"webhook_events_filter"}

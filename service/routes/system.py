@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ldm_serve.errors import QueueUnavailable
-from service.deps import GatewayDep, OwnerDep
+from ldm_serve.errors import Forbidden, QueueUnavailable
+from service.deps import GatewayDep, OwnerDep, current_caller
 
 router = APIRouter(tags=["service"])
 
@@ -33,6 +33,7 @@ async def list_models(gw: GatewayDep, _owner: OwnerDep) -> dict[str, Any]:
                 "downsample_factor": w.downsample_factor,
                 "max_prompt_tokens": w.max_prompt_tokens,
                 "max_batch_rows": w.max_batch_rows,
+                "constraints": w.constraints.model_dump() if w.constraints else None,
             },
         )
         m["workers"] += 1
@@ -58,8 +59,14 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     return JSONResponse({"status": "ready", "redis": True, "workers": len(workers)})
 
 
+def metrics_access(gw: GatewayDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """With ``metrics_require_admin``: 401 without a key, 403 for a key without ``admin``."""
+    if gw.settings.metrics_require_admin and not current_caller(gw, authorization).policy.admin:
+        raise Forbidden("authorization", "/metrics needs an admin key (metrics_require_admin is on)")
+
+
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(gw: GatewayDep) -> Response:
+async def metrics(gw: GatewayDep, _admin: Annotated[None, Depends(metrics_access)]) -> Response:
     try:
         depth = await gw.call(gw.store.queue_depth)
         gw.metrics.workers_alive.set(len(await gw.call(gw.store.live_workers)))
