@@ -424,6 +424,14 @@ class JobStore:
         pipe.delete(self.keys.heartbeat(worker), self.keys.worker_jobs(worker))
         pipe.execute()
 
+    @translate_redis_errors
+    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
+        """Add notes shown in the job's ``warnings`` (e.g. a truncated prompt); a re-run adds no duplicates."""
+        key = self.keys.job(job_id)
+        current = _s(self.redis.hget(key, "warnings"))
+        merged = list(dict.fromkeys([*(json.loads(current) if current else []), *warnings]))
+        self.redis.hset(key, "warnings", json.dumps(merged))
+
     # ------------------------------------------------------------------ supervision (ldm-serve up)
     @translate_redis_errors
     def set_supervisor_note(self, child: str, text: str | None) -> None:

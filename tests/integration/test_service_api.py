@@ -347,3 +347,14 @@ def test_webhooks_are_signed_and_retried_after_500(service: Service) -> None:
         assert json.loads(body)["data"]["id"] == job_id
     started = [h for h, b in _Hooks.received if json.loads(b)["type"] == "job.started"]
     assert started[0]["webhook-id"] == started[1]["webhook-id"]  # same message id across retries
+
+
+def test_a_prompt_longer_than_the_model_reads_runs_truncated_with_a_warning(service: Service) -> None:
+    with service.client() as c:
+        long_job = submit(c, {"prompt": " ".join(["a"] * 91)})  # 91 words + 2 specials, under max_prompt_chars
+        assert long_job.status_code == 202, long_job.text
+        short_job = submit(c, {"prompt": "a short one"})
+        done = wait_done(c, long_job.json()["id"])
+        assert done["status"] == "succeeded", done
+        assert done["warnings"] == ["prompt: 93 tokens, truncated to the model's 77"]
+        assert wait_done(c, short_job.json()["id"])["warnings"] == []
