@@ -150,9 +150,7 @@ class Supervisor:
                 )
 
     def _exited(self, child: Child, code: int | None, now: float, *, error: str | None = None) -> None:
-        if child.process is not None:
-            self._on_exit(child.name, child.process.pid)
-        child.process = None
+        dead, child.process = child.process, None
         if code is not None:
             child.last_exit = code
         if child.fatal_before_ready and not self.ready_once and code is not None and code > 0:
@@ -163,6 +161,8 @@ class Supervisor:
         why = error or f"exit code {code}"
         self._say(f"{child.name}: exited ({why}); restarting in {delay:g}s (attempt {child.failures})")
         self._note(child.name, f"{child.name} restarting after {why}, attempt {child.failures}")
+        if dead is not None:  # after the note: whoever sees the consequences can read why
+            self._on_exit(child.name, dead.pid)
 
     def alive(self, name: str) -> bool:
         """Whether the child called ``name`` runs right now."""
