@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +17,10 @@ import redis
 from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from rq import SimpleWorker
-from rq.serializers import JSONSerializer
 
 from ldm_serve import webhooks as wh
 from ldm_serve.embedded_redis import EmbeddedValkey
+from tests.serving_support import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -189,8 +190,15 @@ def test_connection_error_is_retried(conn, secret):
     )
 
 
-def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, secret):
-    """The documented deployment: `rq worker --with-scheduler` (here: SimpleWorker in burst mode)."""
+def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, redis_url, secret, tmp_path):
+    """The documented deployment: ``rq worker -w worker.webhook_delivery.ConfiguredWebhookWorker
+    --with-scheduler`` as a process of its own, configured from ``LDM_*`` variables."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT), LDM_WEBHOOK_SECRET=secret, LDM_ALLOW_PRIVATE_WEBHOOKS="true",
+        LDM_WEBHOOK_RETRY_BASE_S="0.2", LDM_WEBHOOK_MAX_ATTEMPTS="3",
+    )
+    log = tmp_path / "rq-worker.log"
     with Receiver([500, 200]) as receiver:
         wh.enqueue_webhook(
             conn,
@@ -199,12 +207,20 @@ def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, secret):
             event=wh.WebhookEvent("job.canceled", {}),
             queue_name=QUEUE,
         )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rq.cli", "worker", "-w", "worker.webhook_delivery.ConfiguredWebhookWorker",
+             "--with-scheduler", "--serializer", "rq.serializers.JSONSerializer", "--url", redis_url, QUEUE],
+            env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        try:
+            def delivered() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return any(r["result"] == "delivered" for r in _records(conn, "job-5"))
 
-        def tick() -> None:
-            worker = SimpleWorker([QUEUE], connection=conn, serializer=JSONSerializer)
-            worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
-
-        _run_until(lambda: any(r["result"] == "delivered" for r in _records(conn, "job-5")), tick)
+            _run_until(delivered, lambda: None, timeout_s=60)
+        finally:
+            proc.kill()  # a clean stop may wait out RQ's pubsub poll; nothing is left to do
+            proc.wait(10)
     assert [r["result"] for r in _records(conn, "job-5")] == ["retrying", "delivered"]
     assert len(receiver.requests) == 2
 
