@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -210,7 +211,7 @@ def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, redis_url, secret
         proc = subprocess.Popen(
             [sys.executable, "-m", "rq.cli", "worker", "-w", "worker.webhook_delivery.ConfiguredWebhookWorker",
              "--with-scheduler", "--serializer", "rq.serializers.JSONSerializer", "--url", redis_url, QUEUE],
-            env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
             def delivered() -> bool:
@@ -219,7 +220,8 @@ def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, redis_url, secret
 
             _run_until(delivered, lambda: None, timeout_s=60)
         finally:
-            proc.kill()  # a clean stop may wait out RQ's pubsub poll; nothing is left to do
+            # the worker and its forked scheduler; a clean stop may wait out RQ's pubsub poll
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     assert [r["result"] for r in _records(conn, "job-5")] == ["retrying", "delivered"]
     assert len(receiver.requests) == 2
