@@ -781,7 +781,12 @@ class WebhookWorker:
             return False
         if self._worker is None:
             self._worker = _DeliveryWorker([self.queue], connection=self.connection, serializer=JSONSerializer)
-        return self._worker.work(burst=True, logging_level="WARNING")
+        try:
+            return self._worker.work(burst=True, logging_level="WARNING")
+        except Exception:
+            # e.g. its death was not recorded (Redis hiccup): RQ would refuse its next birth
+            self._worker = None
+            raise
 
     def run(self, stop: threading.Event) -> None:
         """Tick every ``poll_s`` seconds until ``stop`` is set."""
