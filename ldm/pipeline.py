@@ -146,6 +146,9 @@ class LatentDiffusionPipeline:
         self.default_size: int = self.config.default_image_size
         self.latent_channels: int = self.config.unet.out_channels
         self.max_prompt_tokens: int = model.tokenizer.max_length if model.tokenizer is not None else 0
+        # False: a prompt longer than max_prompt_tokens is an InvalidInput; True: it is encoded
+        # truncated (its first max_prompt_tokens - 1 tokens and the end token; prompt_warnings says so)
+        self.truncate_long_prompts: bool = False
         self.inpaint_mode: Literal["concat", "blend"] = "concat" if self.config.inpaint_mode else "blend"
         self._alphas_cumprod = model.alphas_cumprod.to(torch.float32)
         self._alphas_device = self._alphas_cumprod.to(self.device)
@@ -171,6 +174,18 @@ class LatentDiffusionPipeline:
         if self.model.tokenizer is None:
             return 0
         return self.model.tokenizer.count_tokens(prompt)
+
+    def prompt_warnings(self, row: GenerationRow) -> list[str]:
+        """One line per text of ``row`` longer than the model reads, e.g.
+        ``"prompt: 93 tokens, truncated to the model's 77"`` (empty when everything fits)."""
+        if not self.is_text_conditional:
+            return []
+        out = []
+        for field, text in (("prompt", row.prompt), ("negative_prompt", row.negative_prompt)):
+            n = self.count_prompt_tokens(text) if isinstance(text, str) else 0
+            if n > self.max_prompt_tokens:
+                out.append(f"{field}: {n} tokens, truncated to the model's {self.max_prompt_tokens}")
+        return out
 
     def step_count(self, steps: int) -> int:
         """Real DDIM iterations for a requested step count (the original 'uniform'
@@ -208,7 +223,7 @@ class LatentDiffusionPipeline:
         for field, text in (("prompt", row.prompt), ("negative_prompt", row.negative_prompt)):
             if not isinstance(text, str):
                 raise InvalidInput(field, "must be a string")
-            if self.is_text_conditional:
+            if self.is_text_conditional and not self.truncate_long_prompts:
                 n = self.count_prompt_tokens(text)
                 if n > self.max_prompt_tokens:
                     raise InvalidInput(

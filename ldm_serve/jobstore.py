@@ -461,6 +461,46 @@ class JobStore:
         pipe.execute()
 
     @translate_redis_errors
+    def add_warnings(self, job_id: str, warnings: list[str]) -> None:
+        """Add notes shown in the job's ``warnings`` (e.g. a truncated prompt); a re-run adds no duplicates."""
+        key = self.keys.job(job_id)
+        current = _s(self.redis.hget(key, "warnings"))
+        merged = list(dict.fromkeys([*(json.loads(current) if current else []), *warnings]))
+        self.redis.hset(key, "warnings", json.dumps(merged))
+
+    # ------------------------------------------------------------------ supervision (ldm-serve up)
+    @translate_redis_errors
+    def set_supervisor_note(self, child: str, text: str | None) -> None:
+        """Record why ``child`` is down and being restarted; ``None`` clears it."""
+        if text is None:
+            self.redis.hdel(self.keys.supervisor, child)
+        else:
+            self.redis.hset(self.keys.supervisor, child, text)
+
+    @translate_redis_errors
+    def expire_workers_of_process(self, host: str, pid: int) -> list[str]:
+        """Drop the heartbeat of the workers registered by process ``pid`` on ``host`` (known dead),
+        so that readiness and :meth:`recover_dead_workers` need not wait for the heartbeat TTL."""
+        names = [
+            info.name
+            for info in (WorkerInfo.model_validate_json(v) for v in self.redis.hvals(self.keys.workers))
+            if info.pid == pid and info.host == host
+        ]
+        if names:
+            self.redis.delete(*(self.keys.heartbeat(n) for n in names))
+        return names
+
+    @translate_redis_errors
+    def clear_supervisor_notes(self) -> None:
+        self.redis.delete(self.keys.supervisor)
+
+    @translate_redis_errors
+    def supervisor_notes(self) -> list[str]:
+        """The supervisor's current notes, e.g. ``worker restarting after exit code -9, attempt 2``."""
+        raw = self.redis.hgetall(self.keys.supervisor)
+        return [_s(raw[k]) or "" for k in sorted(raw)]
+
+    @translate_redis_errors
     def recover_dead_workers(self) -> list[str]:
         """Re-queue (or fail, after ``max_attempts``) the jobs of workers whose heartbeat expired.
 

@@ -65,6 +65,7 @@ def job_view(
         "attempts": int(rec.get("attempts", 0) or 0),
         "cancel_requested": rec.get("cancel_requested") == "1",
         "error": error,
+        "warnings": json.loads(rec["warnings"]) if rec.get("warnings") else [],
         "seeds": list(payload.seeds),
         "parameters": {
             "prompt": payload.prompt,

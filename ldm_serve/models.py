@@ -23,6 +23,12 @@ def cache_dir() -> Path:
     return Path(base) / "ldm-serve"
 
 
+def data_dir() -> Path:
+    """Per-user data folder (``$XDG_DATA_HOME/ldm-serve``, else ``~/.local/share/ldm-serve``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ldm-serve"
+
+
 def random_model_path(directory: Path | None = None) -> Path:
     """Write (once) and return the tiny untrained fallback model."""
     from ldm.random_model import write_random_model

@@ -1,9 +1,13 @@
 """``ldm-serve up | gateway | worker``: running the service.
 
 ``up`` is the zero-configuration path: without ``REDIS_URL`` it starts an embedded
-Valkey server, then the gateway and one worker as child processes, waits until
-the gateway is ready, prints the URL and shuts everything down in order on
-Ctrl-C (gateway, then worker after its current batch, then Valkey).
+Valkey server (append-only file in ``--data-dir``, so queued jobs survive a restart),
+then the gateway and one worker as child processes, waits until the gateway is
+ready, prints the URL, and supervises: a child that exits is restarted with
+capped exponential backoff (:mod:`ldm_serve.supervisor`) while the others keep
+running, and ``/readyz`` says why it is not ready meanwhile. Ctrl-C / SIGTERM shut
+everything down in order (gateway, then worker after its current batch, then Valkey);
+if ``up`` itself is killed, the children get SIGTERM from the kernel.
 ``gateway`` and ``worker`` run one part each, for real deployments.
 
 Settings come from ``LDM_*`` environment variables (see :class:`ldm_serve.settings.Settings`);
@@ -13,9 +17,12 @@ command-line options override them.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm_serve.errors import QueueUnavailable
+from ldm_serve.jobstore import JobStore
 from ldm_serve.settings import Settings
+from ldm_serve.supervisor import Child, FatalChildExit, Supervisor
 
 log = logging.getLogger("ldm_serve.up")
 
@@ -74,47 +84,27 @@ def _default_model() -> Path:
     return random_model_path()
 
 
-def _die_with_parent() -> None:
-    """Child pre-exec hook (Linux): get SIGTERM if ``up`` itself dies without cleaning up."""
+def _ready(url: str) -> bool:
     try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
-def _wait_ready(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            return False
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
-
-
-def _describe_models(url: str) -> str:
-    import json
-
+def _describe_models(store: JobStore) -> str:
+    """The models of the live workers, read from Redis (works whether or not API keys are set)."""
     try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as resp:
-            models = json.load(resp)["data"]
-    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        workers = store.live_workers()
+    except QueueUnavailable:
         return "?"
+    untrained = {w.model: w.untrained for w in workers}
     return ", ".join(
-        m["id"] + ("  ** UNTRAINED: random weights, images are noise **" if m.get("untrained") else "")
-        for m in models
-    )
+        m + ("  ** UNTRAINED: random weights, images are noise **" if untrained[m] else "") for m in sorted(untrained)
+    ) or "?"
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, name: str, timeout_s: float) -> None:
+def _stop(proc: Any, name: str, timeout_s: float) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -130,50 +120,152 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _lock_data_dir(directory: Path, wait_s: float = 60.0) -> int:
+    """Hold ``directory/up.lock`` (flock) so that two ``up`` never share one append-only file.
+
+    The embedded Valkey inherits the descriptor, so the lock lasts until the server has exited,
+    even when ``up`` itself was killed; a new ``up`` waits for it up to ``wait_s``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise SystemExit(
+                    f"error: {directory} is in use by another `ldm-serve up` (or its Valkey); "
+                    "stop it or pass another --data-dir"
+                ) from None
+            if not told:
+                print(f"waiting for the previous user of {directory} to finish...", file=sys.stderr)
+                told = True
+            time.sleep(0.2)
+
+
+def _note_store(redis_url: str, settings: Settings) -> JobStore:
+    """A JobStore on a fail-fast client, for the supervisor's notes (Valkey may be down)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis.from_url(
+        redis_url, socket_connect_timeout=0.5, socket_timeout=2.0, retry=Retry(NoBackoff(), 0)
+    )
+    return JobStore(client, settings)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     # Ctrl-C, and SIGTERM from a process manager, both stop the children in order;
     # set explicitly, since a shell starting us in the background ignores SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    from ldm_serve.embedded_redis import EmbeddedValkey, sigterm_on_parent_death
+    from ldm_serve.models import data_dir as default_data_dir
+
     env = dict(os.environ)
     redis_url = env.get("LDM_REDIS_URL") or env.get("REDIS_URL")
-    embedded = None
-    gateway = worker = None
+    embedded: EmbeddedValkey | None = None
+    lock_fd: int | None = None
+    sup: Supervisor | None = None
+    store: JobStore | None = None
     model = Path(args.model) if args.model else _default_model()
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    settings = _settings(args, data_dir=args.data_dir)
     try:
+        children: list[Child] = []
         if redis_url is None:
-            from ldm_serve.embedded_redis import start_embedded_redis
-            from ldm_serve.models import cache_dir
-
-            embedded = start_embedded_redis(cache_dir() / "valkey")
-            redis_url = embedded.url
-            print(f"started embedded Valkey at {redis_url} (pid {embedded.pid})", file=sys.stderr)
+            data_dir = Path(settings.data_dir or default_data_dir()).expanduser().resolve()
+            lock_fd = _lock_data_dir(data_dir)
+            embedded = EmbeddedValkey(
+                dir=data_dir / "valkey", persistence=True, die_with_parent=True, pass_fds=(lock_fd,),
+                startup_timeout_s=120.0,  # loading a large append-only file
+            )
+            redis_url = embedded.start()
+            say(f"started embedded Valkey at {redis_url} (pid {embedded.pid}; data in {data_dir})")
+            valkey = Child("valkey", spawn=lambda: (embedded.restart(), embedded.process)[1], fatal_before_ready=False)
+            valkey.process, valkey.started_at = embedded.process, time.monotonic()
+            children.append(valkey)
+        settings = settings.model_copy(update={"redis_url": redis_url})
+        store = _note_store(redis_url, settings)
         env["LDM_REDIS_URL"] = redis_url
         child = [sys.executable, "-m", "ldm_serve.serving_cli"]
         # Own sessions: Ctrl-C reaches only this process, which stops the children in order.
-        spawn = {"env": env, "start_new_session": True}
+        spawn: dict[str, Any] = {"env": env, "start_new_session": True}
         if sys.platform.startswith("linux"):
-            spawn["preexec_fn"] = _die_with_parent
-        worker = subprocess.Popen([*child, "worker", "--model", str(model)], **spawn)
-        gateway = subprocess.Popen([*child, "gateway", "--host", args.host, "--port", str(args.port)], **spawn)
+            spawn["preexec_fn"] = sigterm_on_parent_death
+        if lock_fd is not None:  # a new `up` on this data dir waits until these have exited too
+            spawn["pass_fds"] = (lock_fd,)
+        worker_argv = [*child, "worker", "--model", str(model)]
+        gateway_argv = [*child, "gateway", "--host", args.host, "--port", str(args.port)]
+        workers = [Child("worker", spawn=lambda: subprocess.Popen(worker_argv, **spawn))]
+        gateways = [Child("gateway", spawn=lambda: subprocess.Popen(gateway_argv, **spawn))]
+
+        def note(name: str, text: str | None) -> None:
+            try:
+                store.set_supervisor_note(name, text)
+            except QueueUnavailable:
+                pass  # Valkey itself is down: /readyz says so
+
+        def on_exit(name: str, pid: int) -> None:
+            if name != "worker":
+                return
+            try:  # its jobs go back to the queue now, not after the heartbeat TTL
+                store.expire_workers_of_process(socket.gethostname(), pid)
+                recovered = store.recover_dead_workers()
+            except QueueUnavailable:
+                return  # the restarted worker's reaper does it
+            if recovered:
+                say(f"worker: re-queued {len(recovered)} interrupted job(s)")
+
+        sup = Supervisor(children + workers + gateways, note=note, on_exit=on_exit, say=say)
+        _clear_notes(store)
+        for c in workers + gateways:
+            sup.start(c)
         url = f"http://{args.host}:{args.port}"
-        if not _wait_ready(url, [worker, gateway], args.ready_timeout):
-            print("error: the service did not become ready (see the logs above)", file=sys.stderr)
-            return 1
-        print(f"\nldm-serve is up: {url}   (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
-        print(f"serving: {_describe_models(url)}\n", flush=True)
-        while worker.poll() is None and gateway.poll() is None:
+        deadline = time.monotonic() + args.ready_timeout
+        while not _ready(url):
+            sup.poll()
+            if time.monotonic() > deadline:
+                say("error: the service did not become ready (see the logs above)")
+                return 1
             time.sleep(0.5)
-        print("error: a service process exited unexpectedly", file=sys.stderr)
+        sup.ready_once = True
+        print(f"\nldm-serve is up: {url}   (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+        print(f"serving: {_describe_models(store)}\n", flush=True)
+        while True:  # crashed children are restarted with backoff; only Ctrl-C / SIGTERM ends this
+            sup.poll()
+            time.sleep(0.25)
+    except FatalChildExit as exc:
+        say(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("\nstopping...", file=sys.stderr)
+        say("\nstopping...")
         return 0
     finally:
-        _stop(gateway, "gateway", 10)
-        _stop(worker, "worker", 120)
+        if sup is not None:
+            sup.stopping = True
+            procs = {c.name: c.process for c in sup.children}
+            _stop(procs.get("gateway"), "gateway", 10)
+            _stop(procs.get("worker"), "worker", 120)
+        if store is not None:
+            _clear_notes(store)
         if embedded is not None:
             embedded.stop()
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _clear_notes(store: JobStore) -> None:
+    """Forget the supervisor notes of an earlier run (or of this one, when stopping)."""
+    try:
+        store.clear_supervisor_notes()
+    except QueueUnavailable:
+        pass
 
 
 def add_serving_commands(subparsers: Any) -> None:
@@ -183,6 +275,13 @@ def add_serving_commands(subparsers: Any) -> None:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
     up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    up.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the embedded Valkey keeps its append-only file (default: LDM_DATA_DIR, else "
+        "$XDG_DATA_HOME/ldm-serve or ~/.local/share/ldm-serve); unused with REDIS_URL",
+    )
     up.set_defaults(func=_cmd_up)
 
     gw = subparsers.add_parser("gateway", help="run the HTTP gateway (FastAPI, uvicorn)")

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     warmup: bool = True
     worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     run_webhook_worker: bool = Field(default=True, description="deliver webhooks from a thread of the worker")
+    data_dir: Path | None = Field(
+        default=None,
+        description="ldm-serve up: where the embedded Valkey keeps its append-only file (default "
+        "$XDG_DATA_HOME/ldm-serve, else ~/.local/share/ldm-serve)",
+    )
 
     @field_validator("webhook_secret")
     @classmethod

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -30,6 +31,7 @@ import random
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -519,6 +521,13 @@ def _retry_after(value: str | None) -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context (httpx's defaults, certifi's CAs) for every delivery: building one parses the
+    whole CA bundle, about 0.2 s of CPU per delivery on a busy machine."""
+    return httpx.create_ssl_context()
+
+
 def post_signed(
     target: WebhookTarget,
     body: bytes,
@@ -547,7 +556,7 @@ def post_signed(
     start = time.perf_counter()
     try:
         with httpx.Client(
-            timeout=timeout_s, follow_redirects=False, trust_env=False, transport=transport
+            timeout=timeout_s, follow_redirects=False, trust_env=False, transport=transport, verify=_tls_context()
         ) as client:
             with client.stream(
                 "POST", url, content=body, headers=send_headers, extensions=extensions
@@ -717,16 +726,32 @@ def enqueue_webhook(
 # --------------------------------------------------------------------------------------------------
 
 
-class _ThreadSafeSimpleWorker(SimpleWorker):
-    """``SimpleWorker`` usable outside the main thread.
+class _DeliveryWorker(SimpleWorker):
+    """``SimpleWorker`` for short burst ticks in any thread.
 
-    Signal handlers and RQ's default SIGALRM job timeout only work in the main thread, so this
-    worker installs no handlers and enforces ``job_timeout`` with a timer thread instead.
+    * No signal handlers (only the main thread may install them); ``job_timeout`` is enforced by
+      a timer thread instead of SIGALRM.
+    * No pubsub subscription. RQ's worker subscribes to its command channel in a helper thread on
+      every ``work()`` and joins that thread on teardown; when the helper has already read the
+      UNSUBSCRIBE reply before the join (the delivery thread was descheduled in between, which is
+      common on a busy machine), it sits in its 60 s poll and every delivery waits a minute
+      (issue 10). Burst ticks last milliseconds and need none of RQ's remote commands.
+    * The connection keeps its own socket timeout: RQ raises it to ``dequeue_timeout + 10`` s for
+      blocking dequeues, which burst mode never does, and a short one bounds a hung Redis.
     """
 
     death_penalty_class = TimerDeathPenalty
 
     def _install_signal_handlers(self) -> None:
+        pass
+
+    def _set_connection(self, connection: Redis) -> Redis:
+        return connection
+
+    def subscribe(self) -> None:
+        pass
+
+    def unsubscribe(self) -> None:
         pass
 
 
@@ -735,14 +760,16 @@ class WebhookWorker:
 
     Each tick does what ``rq worker --with-scheduler --burst`` does: under RQ's scheduler lock for
     the queue, move the retries that are due from the ``ScheduledJobRegistry`` into the queue, then
-    drain the queue with a ``SimpleWorker`` (JSON serializer). Several ``WebhookWorker`` processes
-    may share a queue. Stopping is cooperative (``threading.Event``), so ``run`` works in a thread.
+    drain the queue with one ``SimpleWorker`` (JSON serializer, no pubsub thread, kept across ticks).
+    Several ``WebhookWorker`` processes may share a queue. Stopping is cooperative
+    (``threading.Event``), so ``run`` works in a thread.
     """
 
     def __init__(self, connection: Redis, queue_name: str = DEFAULT_QUEUE, *, poll_s: float = 0.5) -> None:
         self.connection = connection
         self.queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
         self.poll_s = poll_s
+        self._worker: _DeliveryWorker | None = None
 
     def enqueue_due_retries(self) -> None:
         """Move scheduled delivery jobs whose time has come into the queue."""
@@ -761,8 +788,14 @@ class WebhookWorker:
         self.enqueue_due_retries()
         if not self.queue.count:
             return False
-        worker = _ThreadSafeSimpleWorker([self.queue], connection=self.connection, serializer=JSONSerializer)
-        return worker.work(burst=True, logging_level="WARNING")
+        if self._worker is None:
+            self._worker = _DeliveryWorker([self.queue], connection=self.connection, serializer=JSONSerializer)
+        try:
+            return self._worker.work(burst=True, logging_level="WARNING")
+        except Exception:
+            # e.g. its death was not recorded (Redis hiccup): RQ would refuse its next birth
+            self._worker = None
+            raise
 
     def run(self, stop: threading.Event) -> None:
         """Tick every ``poll_s`` seconds until ``stop`` is set."""

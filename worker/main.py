@@ -67,6 +67,7 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
         batch_invariant=settings.batch_invariant,
         core_workers=settings.core_workers,
     )
+    pipeline.truncate_long_prompts = True  # the service runs them truncated, with a warning on the job
     from ldm.backends import apply_backend, resolve_backend
 
     backend = resolve_backend(settings.backend, pipeline.device)

@@ -150,6 +150,10 @@ class BatchRunner:
                 )
                 self.pipeline.validate_row(row, p.width, p.height)
                 run.rows.append(row)
+            warnings = _prompt_warnings(self.pipeline, run.rows[0]) if run.rows else []
+            if warnings:  # the rows share their prompts
+                log.info("job %s: %s", p.job_id, "; ".join(warnings))
+                self.store.add_warnings(p.job_id, warnings)
         except LdmServeError as exc:
             log.info("job %s rejected by the model: %s", p.job_id, exc)
             self._close(run, JobStatus.FAILED, error=exc.to_dict())
@@ -310,6 +314,12 @@ class BatchRunner:
             self.webhooks.emit(run.payload, event)
         except Exception:  # noqa: BLE001 - a webhook problem never fails the job
             log.warning("could not enqueue %s webhook for job %s", event.value, run.job_id, exc_info=True)
+
+
+def _prompt_warnings(pipeline: Any, row: Any) -> list[str]:
+    """The pipeline's notes on a row's prompts (truncation); none from pipelines without the hook."""
+    hook = getattr(pipeline, "prompt_warnings", None)
+    return list(hook(row)) if hook is not None else []
 
 
 def _json(obj: Any) -> str:

@@ -15,10 +15,10 @@ import logging
 import threading
 from typing import Any
 
-import redis
 from rq import SimpleWorker
 
 from ldm_serve.contract import webhook_queue_name
+from ldm_serve.jobstore import connect
 from ldm_serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def start_delivery_thread(settings: Settings) -> DeliveryThread:
     from ldm_serve.webhooks import WebhookWorker
 
     configure(settings)
-    conn = redis.Redis.from_url(settings.redis_url)
+    # its own client (pool) with the service's timeouts: never shared with the generation loop
+    conn = connect(settings)
     stop = threading.Event()
     runner = WebhookWorker(conn, queue_name=webhook_queue_name(settings.redis_prefix), poll_s=0.25)
     thread = threading.Thread(target=runner.run, args=(stop,), name="webhook-delivery", daemon=True)

@@ -55,7 +55,9 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     except QueueUnavailable as exc:
         return JSONResponse({"status": "not_ready", "redis": False, "workers": 0, "reason": str(exc)}, 503)
     if not workers:
-        return JSONResponse({"status": "not_ready", "redis": True, "workers": 0, "reason": "no live worker"}, 503)
+        notes = await gw.call(gw.store.supervisor_notes)  # e.g. "worker restarting after exit code -9, ..."
+        reason = "no live worker" + (f" ({'; '.join(notes)})" if notes else "")
+        return JSONResponse({"status": "not_ready", "redis": True, "workers": 0, "reason": reason}, 503)
     return JSONResponse({"status": "ready", "redis": True, "workers": len(workers)})
 
 

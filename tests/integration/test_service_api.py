@@ -347,3 +347,57 @@ def test_webhooks_are_signed_and_retried_after_500(service: Service) -> None:
         assert json.loads(body)["data"]["id"] == job_id
     started = [h for h, b in _Hooks.received if json.loads(b)["type"] == "job.started"]
     assert started[0]["webhook-id"] == started[1]["webhook-id"]  # same message id across retries
+
+
+def test_a_prompt_longer_than_the_model_reads_runs_truncated_with_a_warning(service: Service) -> None:
+    with service.client() as c:
+        long_job = submit(c, {"prompt": " ".join(["a"] * 91)})  # 91 words + 2 specials, under max_prompt_chars
+        assert long_job.status_code == 202, long_job.text
+        short_job = submit(c, {"prompt": "a short one"})
+        done = wait_done(c, long_job.json()["id"])
+        assert done["status"] == "succeeded", done
+        assert done["warnings"] == ["prompt: 93 tokens, truncated to the model's 77"]
+        assert wait_done(c, short_job.json()["id"])["warnings"] == []
+
+
+class _Sink(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        type(self).received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_burst_of_webhook_events_is_delivered_promptly(service: Service) -> None:
+    """Issue 10: after 6 quick jobs with start/progress/completed events, every event after the first
+    second (job.succeeded included) arrived 60 s late. Now all arrive well within 30 s of the last job."""
+    _Sink.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/burst"
+    try:
+        with service.client() as c:
+            ids = []
+            for i in range(6):
+                r = submit(c, {"prompt": f"burst {i}", "webhook": url,
+                               "webhook_events_filter": ["start", "progress", "completed"]})
+                assert r.status_code == 202, r.text
+                ids.append(r.json()["id"])
+            for job_id in ids:
+                assert wait_done(c, job_id)["status"] == "succeeded"
+
+        def all_succeeded_delivered() -> bool:
+            done = {e["data"]["id"] for e in _Sink.received if e["type"] == "job.succeeded"}
+            return done >= set(ids)
+
+        wait_until(all_succeeded_delivered, 30, "job.succeeded webhooks of all 6 jobs")
+    finally:
+        server.shutdown()
+    for job_id in ids:
+        types = [e["type"] for e in _Sink.received if e["data"]["id"] == job_id]
+        assert types[0] == "job.started" and types[-1] == "job.succeeded", types
+        assert set(types[1:-1]) <= {"job.progress"} and len(types) >= 3, types

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,11 +18,10 @@ import redis
 from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from rq import SimpleWorker
-from rq.serializers import JSONSerializer
 
 from ldm_serve import webhooks as wh
 from ldm_serve.embedded_redis import EmbeddedValkey
+from tests.serving_support import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +102,7 @@ def _records(conn: redis.Redis, job_id: str) -> list[dict]:
     return wh.read_delivery_attempts(conn, wh.attempts_key(job_id))
 
 
-def _run_until(done, tick, timeout_s: float = 10.0) -> None:
+def _run_until(done, tick, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         assert time.monotonic() < deadline, "webhook delivery did not finish in time"
@@ -189,8 +191,15 @@ def test_connection_error_is_retried(conn, secret):
     )
 
 
-def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, secret):
-    """The documented deployment: `rq worker --with-scheduler` (here: SimpleWorker in burst mode)."""
+def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, redis_url, secret, tmp_path):
+    """The documented deployment: ``rq worker -w worker.webhook_delivery.ConfiguredWebhookWorker
+    --with-scheduler`` as a process of its own, configured from ``LDM_*`` variables."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT), LDM_WEBHOOK_SECRET=secret, LDM_ALLOW_PRIVATE_WEBHOOKS="true",
+        LDM_WEBHOOK_RETRY_BASE_S="0.2", LDM_WEBHOOK_MAX_ATTEMPTS="3",
+    )
+    log = tmp_path / "rq-worker.log"
     with Receiver([500, 200]) as receiver:
         wh.enqueue_webhook(
             conn,
@@ -199,12 +208,21 @@ def test_plain_rq_worker_with_scheduler_runs_the_retries(conn, secret):
             event=wh.WebhookEvent("job.canceled", {}),
             queue_name=QUEUE,
         )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rq.cli", "worker", "-w", "worker.webhook_delivery.ConfiguredWebhookWorker",
+             "--with-scheduler", "--serializer", "rq.serializers.JSONSerializer", "--url", redis_url, QUEUE],
+            env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            def delivered() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return any(r["result"] == "delivered" for r in _records(conn, "job-5"))
 
-        def tick() -> None:
-            worker = SimpleWorker([QUEUE], connection=conn, serializer=JSONSerializer)
-            worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
-
-        _run_until(lambda: any(r["result"] == "delivered" for r in _records(conn, "job-5")), tick)
+            _run_until(delivered, lambda: None, timeout_s=60)
+        finally:
+            # the worker and its forked scheduler; a clean stop may wait out RQ's pubsub poll
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
     assert [r["result"] for r in _records(conn, "job-5")] == ["retrying", "delivered"]
     assert len(receiver.requests) == 2
 
@@ -229,3 +247,96 @@ def test_worker_thread_stops_on_event(conn, secret):
     assert not thread.is_alive()
     assert [r["result"] for r in _records(conn, "job-6")] == ["delivered"]
     assert json.loads(receiver.requests[0][1])["type"] == "job.started"
+
+
+@pytest.fixture
+def cpu_hog() -> Iterator[None]:
+    """A pure-Python busy thread in this process, like the generation loop beside the delivery thread."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(timeout=5)
+
+
+def _delivered(conn: redis.Redis, job_ids: list[str], n_each: int) -> bool:
+    return all(
+        sum(r["result"] == "delivered" for r in _records(conn, job_id)) == n_each for job_id in job_ids
+    )
+
+
+def _wait(done, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s:g} s"
+        time.sleep(0.05)
+
+
+def test_burst_of_events_is_delivered_promptly_under_cpu_load(conn, secret, cpu_hog):
+    """Issue 10: 6 quick jobs x (started, progress, succeeded) used to arrive a minute late.
+
+    A delivery thread that RQ's worker made wait for its pubsub helper (60 s poll) stalled
+    every later event; 30 s is far beyond what 18 local deliveries need and far below 60 s.
+    """
+    jobs = [f"burst-{i}" for i in range(6)]
+    types = ["job.started", "job.progress", "job.succeeded"]
+    with Receiver([200]) as receiver:
+        stop = threading.Event()
+        thread = threading.Thread(target=wh.WebhookWorker(conn, QUEUE, poll_s=0.25).run, args=(stop,))
+        thread.start()
+        try:
+            for job_id in jobs:  # each job's events in order, the jobs interleaved as in a batch
+                for event_type in types:
+                    wh.enqueue_webhook(
+                        conn, job_id=job_id, url=receiver.url, event=wh.WebhookEvent(event_type, {"id": job_id}),
+                        queue_name=QUEUE,
+                    )
+                    time.sleep(0.02)
+            _wait(lambda: _delivered(conn, jobs, len(types)), 30, "18 deliveries")  # a stall would add 60 s
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    bodies = [json.loads(body) for _, body, _ in receiver.requests]
+    assert len(bodies) == 18
+    for job_id in jobs:
+        assert [b["type"] for b in bodies if b["data"]["id"] == job_id] == types
+    assert len({headers["webhook-id"] for headers, _, _ in receiver.requests}) == 18
+
+
+def test_a_descheduled_delivery_thread_does_not_wait_for_rq_pubsub(conn, secret, monkeypatch):
+    """The race behind the 60 s stall, made deterministic.
+
+    RQ's worker sends UNSUBSCRIBE on teardown and then joins its pubsub helper thread; when the
+    worker thread loses the CPU in between (a loaded machine), the helper reads the reply, finds no
+    subscription left and waits out its 60 s poll before the join returns. Here the thread sleeps
+    right after sending UNSUBSCRIBE; the delivery worker must not depend on that helper at all.
+    """
+    unsubscribe = redis.client.PubSub.unsubscribe
+
+    def descheduled_after_unsubscribe(self, *args):
+        result = unsubscribe(self, *args)
+        time.sleep(0.2)
+        return result
+
+    monkeypatch.setattr(redis.client.PubSub, "unsubscribe", descheduled_after_unsubscribe)
+    with Receiver([200]) as receiver:
+        worker = wh.WebhookWorker(conn, QUEUE, poll_s=0.1)
+        for i in range(2):
+            wh.enqueue_webhook(
+                conn, job_id=f"desched-{i}", url=receiver.url, event=wh.WebhookEvent("job.started", {}),
+                queue_name=QUEUE,
+            )
+            result: list[bool] = []
+            ticker = threading.Thread(target=lambda out=result: out.append(worker.run_once()), daemon=True)
+            ticker.start()
+            ticker.join(timeout=20)
+            assert result == [True], "a delivery tick did not finish within 20 s"
+        assert len(receiver.requests) == 2
+    assert _delivered(conn, ["desched-0", "desched-1"], 1)

@@ -230,3 +230,25 @@ def test_cli_inpaint_keeps_unmasked_pixels(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     keep = np.asarray(box_mask()) < 128
     assert np.array_equal(np.asarray(Image.open(out))[keep], np.asarray(scene())[keep])
+
+
+def test_long_prompts_are_truncated_with_a_warning_when_asked(random_model: LatentDiffusionPipeline) -> None:
+    """The service's rule: a prompt longer than the model reads runs on its first tokens, and says so."""
+    limit = random_model.max_prompt_tokens
+    words = " ".join(["cube"] * (limit + 10))  # well past the limit: the endings below are never read
+    long_a, long_b = GenerationRow(words + " red", seed=3, steps=4), GenerationRow(words + " blue", seed=3, steps=4)
+    n = random_model.count_prompt_tokens(long_a.prompt)
+    assert n > limit
+    with pytest.raises(InvalidInput, match=f"the model reads at most {limit}"):  # the library default
+        random_model.validate_row(long_a, SIZE, SIZE)
+    random_model.truncate_long_prompts = True
+    try:
+        random_model.validate_row(long_a, SIZE, SIZE)
+        assert random_model.prompt_warnings(long_a) == [f"prompt: {n} tokens, truncated to the model's {limit}"]
+        assert random_model.prompt_warnings(GenerationRow("short", seed=1)) == []
+        a, b = (random_model.generate([row], SIZE, SIZE)[0] for row in (long_a, long_b))
+        short = random_model.generate([GenerationRow("cube", seed=3, steps=4)], SIZE, SIZE)[0]
+    finally:
+        random_model.truncate_long_prompts = False
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # what differs after the limit is not read
+    assert not np.array_equal(np.asarray(a), np.asarray(short))  # what comes before it is
