@@ -154,6 +154,9 @@ CATALOGUE = [
     Entry("inpaint-multipart-missing-mask", "POST", INP,
           MULTIPART_HEAD + _png((64, 64)) + b"\r\n--XyZ--\r\n", fields=("mask",),
           headers={"Content-Type": "multipart/form-data; boundary=XyZ"}),
+    # found by the fuzzer: Starlette's own 400 for a broken multipart body is not in the error shape
+    Entry("multipart-malformed", "POST", INP, b"--XyZ\r\nNone--XyZ--\r\n", status=(400, 422),
+          fields=("body", "image", "mask"), headers={"Content-Type": "multipart/form-data; boundary=XyZ"}),
     Entry("malformed-json", "POST", T2I, b"{not json", fields=("body",)),
     Entry("json-not-an-object", "POST", T2I, b"[1, 2, 3]", fields=("body",)),
     Entry("body-over-limit-with-length", "POST", T2I, b" " * 1_000_000, status=(413, 422), fields=("body",)),
