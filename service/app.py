@@ -147,9 +147,10 @@ def _document_responses(doc: dict[str, Any]) -> None:
             responses = op.setdefault("responses", {})
             if path.startswith("/v1/"):
                 for code, text in _ERRORS.items():
-                    responses[code] = {"description": text, "content": error}
-                responses["429"]["headers"] = retry_after
-                responses["503"]["headers"] = retry_after
+                    # keep a route's own description and headers; the body is always the error shape
+                    responses.setdefault(code, {"description": text})["content"] = error
+                for code in ("429", "503"):
+                    responses[code].setdefault("headers", {}).update(retry_after)
             if method == "post" and path in ("/v1/txt2img", "/v1/inpaint"):
                 responses["200"] = {"description": "Finished within `Prefer: wait`",
                                     "content": {"application/json": {"schema": {}}}}
