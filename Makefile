@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install up test lint clean
+.PHONY: install up test lint clean reliability
 
 # torch is pinned and installed first: the CPU wheel on this machine, not a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# Fuzzing, chaos, webhook outage, overload, bad inputs (docs/reliability.md); figures in tmp/results/.
+reliability: install
+	$(PY) -m pytest -q -m reliability tests/reliability
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -115,9 +115,12 @@ def _openapi_with_bodies(app: FastAPI, gw_schemas: Any) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"$ref": ref("Txt2ImgRequest")}}},
     }
-    form = {"allOf": [{"$ref": ref("InpaintForm")}], "properties": {
-        "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}},
-        "required": ["image", "mask"]}
+    # the form's own fields plus the two files (an allOf with InpaintForm's additionalProperties: false
+    # would forbid the files and make the schema unsatisfiable)
+    fields = defs["$defs"]["InpaintForm"]
+    form = {**fields, "properties": {**fields["properties"], "image": {"type": "string", "format": "binary"},
+                                     "mask": {"type": "string", "format": "binary"}},
+            "required": [*fields.get("required", []), "image", "mask"]}
     doc["paths"]["/v1/inpaint"]["post"]["requestBody"] = {
         "required": True,
         "content": {
@@ -125,8 +128,73 @@ def _openapi_with_bodies(app: FastAPI, gw_schemas: Any) -> dict[str, Any]:
             "multipart/form-data": {"schema": form},
         },
     }
+    _document_responses(doc)
     app.openapi_schema = doc
     return doc
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {
+                "type": {"type": "string", "description": "machine-readable code (invalid_input, queue_full, ...)"},
+                "message": {"type": "string", "description": "what is wrong, naming the field and the limit"},
+                "field": {"type": "string", "description": "the offending field (invalid_input only)"},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "Malformed request",
+    "401": "API keys are on and the request has no valid key",
+    "403": "The key may not do this",
+    "404": "No such job (or not yours), or no worker serves the model",
+    "409": "The image is not (yet) stored",
+    "413": "The body exceeds the request limit",
+    "415": "Unsupported Content-Type",
+    "422": "A field is out of range; `error.field` names it",
+    "429": "Queue full or over a limit; retry after `Retry-After` seconds",
+    "503": "Redis is unreachable or no worker has registered",
+}
+
+
+def _document_responses(doc: dict[str, Any]) -> None:
+    """Document every response the gateway gives, in the error shape of :func:`error_response`
+    (FastAPI's default 422 schema is not what the gateway answers)."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = _ERROR_SCHEMA
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    retry_after = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 1}}}
+    for path, operations in doc["paths"].items():
+        for method, op in operations.items():
+            responses = op.setdefault("responses", {})
+            if path.startswith("/v1/"):
+                for code, text in _ERRORS.items():
+                    # keep a route's own description and headers; the body is always the error shape
+                    responses.setdefault(code, {"description": text})["content"] = error
+                for code in ("429", "503"):
+                    responses[code].setdefault("headers", {}).update(retry_after)
+            if method == "post" and path in ("/v1/txt2img", "/v1/inpaint"):
+                responses["200"] = {"description": "Finished within `Prefer: wait`",
+                                    "content": {"application/json": {"schema": {}}}}
+            if path.endswith("/cancel"):
+                responses["202"] = {"description": "The worker was asked to drop the running job",
+                                    "content": {"application/json": {"schema": {}}}}
+            if path.endswith("/events"):
+                responses["200"]["content"] = {"text/event-stream": {"itemSchema": {
+                    "type": "object", "required": ["data"], "properties": {
+                        "event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}}}
+            if path == "/readyz":
+                responses["503"] = {"description": "Not ready (`reason` says why)",
+                                    "content": {"application/json": {"schema": {}}}}
+            if path == "/metrics":
+                responses["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
 
 
 def create_app(settings: Settings) -> FastAPI:
