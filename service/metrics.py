@@ -29,3 +29,7 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge("ldm_queue_depth", "Jobs waiting in each queue", ["queue"], registry=r)
         self.workers_alive = Gauge("ldm_workers_alive", "Workers with a live heartbeat", registry=r)
+        self.webhook_backlog = Gauge(
+            "ldm_webhook_deliveries_pending", "Webhook deliveries not yet done: queued (due) or scheduled (retry)",
+            ["state"], registry=r,
+        )
