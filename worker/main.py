@@ -115,6 +115,7 @@ class Worker:
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.store = JobStore(connect(settings), settings)
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.metrics.init_model(pipeline.name)
         self.metrics.export_backend_padding(pipeline)
         self.webhooks = WebhookEmitter(
             self.store, settings, on_enqueue=lambda ev: self.metrics.webhooks_enqueued.labels(ev).inc()
