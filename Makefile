@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install up test lint clean
+.PHONY: install up test lint clean deploy-test
 
 # torch is pinned and installed first: the CPU wheel on this machine, not a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,11 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q
+
+# The container deploy test (podman + podman-compose; on this sandbox first run
+# `bash ../shared/tools/containers-setup.sh`): builds the image, runs the compose stack, tears it down.
+deploy-test: install
+	$(PY) -m pytest -q -m deploy tests/deploy -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
