@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,7 +57,9 @@ def build_images(podman: str) -> dict[str, float]:
     deb_base = "localhost/debian:bookworm" if _podman_image_exists(podman, "localhost/debian:bookworm") \
         else "debian:bookworm"
     args = [podman, "build", "--build-arg", f"BASE_IMAGE={py_base}", "-t", IMAGE]
-    cert, links = _pip_config("global.cert"), _pip_config("global.find-links")
+    # as containers-setup.sh: pip's own CA bundle and wheel folder, so that pip inside the build reaches the index
+    cert = os.environ.get("PIP_CERT") or _pip_config("global.cert") or ssl.get_default_verify_paths().openssl_cafile
+    links = os.environ.get("PIP_FIND_LINKS") or _pip_config("global.find-links")
     if cert and Path(cert).is_file():
         args += ["-v", f"{cert}:{cert}:ro", "--build-arg", f"PIP_CERT={cert}"]
     if links and Path(links).is_dir():  # the local CPU torch wheel: no pytorch.org index needed
