@@ -131,3 +131,13 @@ def test_gpu_metrics_on_a_real_gpu() -> None:
         return
     ratio = _sample(registry, "ldm_gpu_utilization_ratio", "0")
     assert ratio is not None and 0.0 <= ratio <= 1.0
+
+
+def test_compose_passes_an_unset_webhook_secret_as_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm_serve.settings import Settings
+
+    monkeypatch.setenv("LDM_WEBHOOK_SECRET", "")  # docker compose: ${LDM_WEBHOOK_SECRET:-}
+    assert Settings().webhook_secret is None
+    monkeypatch.setenv("LDM_WEBHOOK_SECRET", "not-a-secret")
+    with pytest.raises(ValueError, match="whsec_"):
+        Settings()
