@@ -166,8 +166,9 @@ def test_redis_restart_with_jobs_queued_loses_none(stack: Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=30) as c:
         ids = []
         for i in range(3):
+            # explicit size: with no live worker the gateway does not know the model's default size
             r = c.post("/v1/txt2img", json={"prompt": f"a small green triangle in the centre {i}", "steps": 10,
-                                            "seed": i})
+                                            "seed": i, "width": 64, "height": 64})
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         assert all(c.get(f"/v1/jobs/{j}").json()["status"] == "queued" for j in ids)

@@ -131,7 +131,7 @@ def test_kubernetes_worker_contract() -> None:
     scaled = gpu[("ScaledObject", "ldm-worker")]["spec"]
     assert scaled["minReplicaCount"] == 0 and scaled["scaleTargetRef"]["name"] == "ldm-worker"
     lists = {t["metadata"]["listName"] for t in scaled["triggers"] if t["type"] == "redis"}
-    assert lists == {f"rq:queue:ldm-bundled-{p}" for p in ("high", "normal", "low")}
+    assert lists == {f"rq:queue:ldm-shapes-ldm-f4-{p}" for p in ("high", "normal", "low")}
     env = {e["name"] for e in worker["env"]}
     assert "LDM_REDIS_ADDRESS" in env  # addressFromEnv of the triggers
     cpu = {(d["kind"], d["metadata"]["name"]): d for d in docs["cpu-redis"]}
