@@ -56,7 +56,8 @@ def build_images(podman: str) -> dict[str, float]:
         else "python:3.11-slim"
     deb_base = "localhost/debian:bookworm" if _podman_image_exists(podman, "localhost/debian:bookworm") \
         else "debian:bookworm"
-    args = [podman, "build", "--build-arg", f"BASE_IMAGE={py_base}", "-t", IMAGE]
+    fresh = ["--no-cache"] if os.environ.get("LDM_DEPLOY_NO_CACHE") == "1" else []  # time a cold build
+    args = [podman, "build", *fresh, "--build-arg", f"BASE_IMAGE={py_base}", "-t", IMAGE]
     # as containers-setup.sh: pip's own CA bundle and wheel folder, so that pip inside the build reaches the index
     cert = os.environ.get("PIP_CERT") or _pip_config("global.cert") or ssl.get_default_verify_paths().openssl_cafile
     links = os.environ.get("PIP_FIND_LINKS") or _pip_config("global.find-links")
@@ -70,7 +71,7 @@ def build_images(podman: str) -> dict[str, float]:
     times["ldm-serve"] = time.monotonic() - t0
     for name in ("redis", "prometheus"):
         t0 = time.monotonic()
-        _sh([podman, "build", "--build-arg", f"BASE_IMAGE={deb_base}", "-f", str(STANDINS / f"{name}.Dockerfile"),
+        _sh([podman, "build", *fresh, "--build-arg", f"BASE_IMAGE={deb_base}", "-f", str(STANDINS / f"{name}.Dockerfile"),
              "-t", f"localhost/ldm-test-{name}:latest", str(STANDINS)])
         times[name] = time.monotonic() - t0
     return times
