@@ -258,9 +258,9 @@ def test_every_panel_query_returns_data(stack: dict) -> None:
     assert not failures, "\n".join(failures)
     assert len(gpu_skipped) == 4  # the two GPU panels' queries, checked for syntax only here
     if os.environ.get("LDM_WRITE_DOCS") == "1":
-        _render(results, ROOT / "docs" / "images")
+        _render(results, ROOT / "docs" / "images", stack["start"])
     else:
-        _render(results, stack["tmp"])
+        _render(results, stack["tmp"], stack["start"])
 
 
 def test_alert_rules_load_and_stay_quiet_on_a_healthy_stack(stack: dict) -> None:
@@ -273,7 +273,7 @@ def test_alert_rules_load_and_stay_quiet_on_a_healthy_stack(stack: dict) -> None
     assert not [r["name"] for r in rules.values() if r.get("state") == "firing"]
 
 
-def _render(results: dict, out_dir: Path) -> None:
+def _render(results: dict, out_dir: Path, t0: float) -> None:
     """One PNG per dashboard: each panel's series as Grafana would draw them (matplotlib)."""
     import matplotlib
 
@@ -287,7 +287,6 @@ def _render(results: dict, out_dir: Path) -> None:
         cols = 2
         rows = math.ceil(len(panels) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(13, 2.6 * rows), squeeze=False)
-        t0 = None
         for ax, panel in zip(axes.flat, panels, strict=False):
             unit = panel["fieldConfig"]["defaults"]["unit"]
             drawn = 0
@@ -296,7 +295,6 @@ def _render(results: dict, out_dir: Path) -> None:
                     pts = [(float(t), float(v)) for t, v in series["values"] if math.isfinite(float(v))]
                     if not pts:
                         continue
-                    t0 = t0 if t0 is not None else pts[0][0]
                     label = target["legendFormat"]
                     for k, v in series["metric"].items():
                         label = label.replace("{{" + k + "}}", v)
@@ -310,7 +308,7 @@ def _render(results: dict, out_dir: Path) -> None:
                 ax.text(0.5, 0.5, "no data (GPU workers only)", ha="center", va="center", transform=ax.transAxes)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"{dash['title']} (test traffic; x: seconds)", fontsize=11)
+        fig.suptitle(f"{dash['title']} (test traffic; x: seconds into the test)", fontsize=11)
         fig.tight_layout()
         fig.savefig(out_dir / f"dashboard-{dash['uid']}.png", dpi=80)
         plt.close(fig)
