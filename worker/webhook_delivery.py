@@ -63,9 +63,11 @@ class ConfiguredWebhookWorker(SimpleWorker):
 
 def start_delivery_thread(settings: Settings) -> DeliveryThread:
     """Start delivering webhooks in a daemon thread."""
-    from ldm_serve.webhooks import WebhookWorker
+    from ldm_serve.webhooks import WEBHOOK_DELIVERIES, WebhookWorker
 
     configure(settings)
+    for result in ("delivered", "retrying", "gave_up", "refused"):  # exported at 0: alerts see the first one
+        WEBHOOK_DELIVERIES.labels(result)
     conn = redis.Redis.from_url(settings.redis_url)
     stop = threading.Event()
     runner = WebhookWorker(conn, queue_name=webhook_queue_name(settings.redis_prefix), poll_s=0.25)
