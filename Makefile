@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install up test lint clean reliability
+.PHONY: install up test lint clean reliability deploy-test
 
 # torch is pinned and installed first: the CPU wheel on this machine, not a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,11 @@ test: install lint
 # Fuzzing, chaos, webhook outage, overload, bad inputs (docs/reliability.md); figures in tmp/results/.
 reliability: install
 	$(PY) -m pytest -q -m reliability tests/reliability
+
+# The container deploy test (podman + podman-compose; on this sandbox first run
+# `bash ../shared/tools/containers-setup.sh`): builds the image, runs the compose stack, tears it down.
+deploy-test: install
+	$(PY) -m pytest -q -m deploy tests/deploy -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

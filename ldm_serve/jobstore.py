@@ -37,6 +37,7 @@ from ldm_serve.contract import (
     WorkerInfo,
     is_job_id,
     queue_name,
+    webhook_queue_name,
 )
 from ldm_serve.errors import InvalidInput, JobNotFound, QueueFull, QueueUnavailable
 from ldm_serve.settings import Settings
@@ -163,6 +164,14 @@ class JobStore:
         for q in queues:
             pipe.llen(q.key)
         return {q.name: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+
+    @translate_redis_errors
+    def webhook_backlog(self) -> dict[str, int]:
+        """Webhook deliveries not yet done: ``queued`` (due now) and ``scheduled`` (retries waiting for their time)."""
+        from rq.registry import ScheduledJobRegistry
+
+        q = Queue(webhook_queue_name(self.settings.redis_prefix), connection=self.redis, serializer=JSONSerializer)
+        return {"queued": int(q.count), "scheduled": int(ScheduledJobRegistry(queue=q).count)}
 
     @translate_redis_errors
     def find_idempotent(self, owner: str | None, key: str) -> tuple[str, str] | None:

@@ -167,6 +167,8 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _secret_format(cls, value: str | None) -> str | None:
+        if value == "":  # an unset variable passed through (docker compose ${LDM_WEBHOOK_SECRET:-})
+            return None
         if value is not None and not value.startswith("whsec_"):
             raise ValueError("webhook_secret must look like whsec_<base64 key>")
         return value

@@ -27,5 +27,10 @@ class GatewayMetrics:
         self.jobs_rejected = Counter(
             "ldm_jobs_rejected_total", "Submissions refused", ["reason"], registry=r
         )
+        self.jobs_rejected.labels("queue_full")  # exported at 0 from the start (rate() sees the first 429)
         self.queue_depth = Gauge("ldm_queue_depth", "Jobs waiting in each queue", ["queue"], registry=r)
         self.workers_alive = Gauge("ldm_workers_alive", "Workers with a live heartbeat", registry=r)
+        self.webhook_backlog = Gauge(
+            "ldm_webhook_deliveries_pending", "Webhook deliveries not yet done: queued (due) or scheduled (retry)",
+            ["state"], registry=r,
+        )

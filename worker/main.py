@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from ldm_serve.contract import ModelConstraints, WorkerInfo
 from ldm_serve.errors import QueueUnavailable
@@ -38,6 +38,7 @@ from ldm_serve.settings import Settings
 from worker.batching import BatchCollector
 from worker.continuous import ContinuousRunner
 from worker.metrics import WorkerMetrics
+from worker.probes import ProbeServer
 from worker.runner import BatchRunner
 from worker.webhook_events import WebhookEmitter
 
@@ -125,6 +126,7 @@ class Worker:
         self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.store = JobStore(connect(settings), settings)
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.metrics.init_model(pipeline.name)
         self.metrics.export_backend_padding(pipeline)
         self.webhooks = WebhookEmitter(
             self.store, settings, on_enqueue=lambda ev: self.metrics.webhooks_enqueued.labels(ev).inc()
@@ -144,6 +146,7 @@ class Worker:
             )
         self._stop = threading.Event()
         self._halted = threading.Event()  # set when the loop has ended: the heartbeat stops
+        self.ready = threading.Event()  # registered and taking jobs (the probe server's /readyz)
         self._last_reap = 0.0
         self._last_batch_jobs = 1
 
@@ -176,6 +179,7 @@ class Worker:
         """Stop after the current batch (signal handler)."""
         if not self._stop.is_set():
             log.info("stop requested (%s): finishing the current batch", signum)
+        self.ready.clear()
         self._stop.set()
 
     def _heartbeat_loop(self, info: WorkerInfo) -> None:
@@ -203,6 +207,8 @@ class Worker:
         info = self.info()
         self.store.register_worker(info)
         self.metrics.up.set(1)
+        if not self._stop.is_set():
+            self.ready.set()
         hb = threading.Thread(target=self._heartbeat_loop, args=(info,), name="heartbeat", daemon=True)
         hb.start()
         log.info("worker %s serving model %r (pid %d)", self.name, self.pipeline.name, os.getpid())
@@ -225,6 +231,7 @@ class Worker:
                     if self._stop.wait(1.0):
                         break
         finally:
+            self.ready.clear()
             self.metrics.up.set(0)
             self._stop.set()
             self._halted.set()
@@ -299,9 +306,17 @@ class Worker:
 def run_worker(settings: Settings, *, cache_dir: Path | None = None) -> None:
     """Entry point of ``ldm-serve worker``: load, serve metrics, loop until SIGTERM."""
     registry = REGISTRY  # shared with the webhook delivery metrics of ldm_serve.webhooks
-    if settings.worker_metrics_port is not None:
-        start_http_server(settings.worker_metrics_port, addr=settings.host, registry=registry)
+    worker: Worker | None = None
+    if settings.worker_metrics_port is not None:  # up during the model load: /readyz says 503 until ready
+        ProbeServer(
+            registry, lambda: worker is not None and worker.ready.is_set(), settings.host,
+            settings.worker_metrics_port,
+        ).start()
     pipeline = load_model(settings, cache_dir)
+    from worker.gpu_metrics import register_gpu_metrics
+
+    if register_gpu_metrics(registry, pipeline.device):
+        log.info("exporting GPU metrics of %s", pipeline.device)
     worker = Worker(pipeline, settings, registry)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

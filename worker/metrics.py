@@ -89,6 +89,14 @@ class WorkerMetrics:
             registry=registry,
         )
 
+    def init_model(self, model: str) -> None:
+        """Create the per-model counters at 0, so that they are exported (and rate() sees their first
+        increase) before the first job: a series that appears only with its first event hides that event."""
+        for status in ("succeeded", "failed", "canceled", "expired"):
+            self.jobs_finished.labels(model, status)
+        for counter in (self.images, self.engine_admitted_rows, self.engine_padded_rows, self.engine_failed_groups):
+            counter.labels(model)
+
     def export_backend_padding(self, pipeline: Any) -> bool:
         """Count the rows a bucketed backend pads (cudagraphs, tensorrt) in ``ldm_engine_padded_rows_total``.
 

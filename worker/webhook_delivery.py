@@ -63,9 +63,11 @@ class ConfiguredWebhookWorker(SimpleWorker):
 
 def start_delivery_thread(settings: Settings) -> DeliveryThread:
     """Start delivering webhooks in a daemon thread."""
-    from ldm_serve.webhooks import WebhookWorker
+    from ldm_serve.webhooks import WEBHOOK_DELIVERIES, WebhookWorker
 
     configure(settings)
+    for result in ("delivered", "retrying", "gave_up", "refused"):  # exported at 0: alerts see the first one
+        WEBHOOK_DELIVERIES.labels(result)
     # its own client (pool) with the service's timeouts: never shared with the generation loop
     conn = connect(settings)
     stop = threading.Event()

@@ -74,6 +74,8 @@ async def metrics(gw: GatewayDep, _admin: Annotated[None, Depends(metrics_access
         gw.metrics.workers_alive.set(len(await gw.call(gw.store.live_workers)))
         for queue, n in depth.items():
             gw.metrics.queue_depth.labels(queue).set(n)
+        for state, n in (await gw.call(gw.store.webhook_backlog)).items():
+            gw.metrics.webhook_backlog.labels(state).set(n)
     except QueueUnavailable:
         pass  # the request counters are still worth scraping
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
