@@ -96,7 +96,9 @@ class Settings(BaseSettings):
     allow_private_webhooks: bool = False
     webhook_progress_interval_s: float = Field(default=1.0, ge=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
-    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_max_attempts: int = Field(
+        default=9, ge=1, description="with the 5 s doubling schedule the last attempt comes 19-23 min after the first"
+    )
     webhook_retry_base_s: float = Field(default=5.0, ge=0, description="first retry delay; doubles per attempt")
 
     # --- gateway ---------------------------------------------------------------------------
