@@ -134,6 +134,9 @@ def stack() -> Iterator[Stack]:
         raise
     finally:
         s.run("down", "-v", timeout=600, check=False)
+        for vol in _sh([podman, "volume", "ls", "-q"], check=False).split():  # down -v can leave one behind
+            if vol.startswith(f"{PROJECT}_"):
+                _sh([podman, "volume", "rm", "-f", vol], check=False)
         total = time.monotonic() - t_start
         print(f"deploy test wall time: {total:.0f}s; builds {builds}")
         out = os.environ.get("LDM_DEPLOY_TIMINGS")
