@@ -77,6 +77,21 @@ def build_images(podman: str) -> dict[str, float]:
     return times
 
 
+def _remove_leftovers(podman: str) -> None:
+    """What ``podman-compose down -v`` leaves: replicas beyond the compose file's one (``--scale``), the
+    containers they depend on, then the project's volumes and network."""
+    label = f"label=io.podman.compose.project={PROJECT}"
+    for _ in range(3):  # dependants first: each pass removes what nothing depends on any more
+        ids = _sh([podman, "ps", "-a", "-q", "--filter", label], check=False).split()
+        if not ids:
+            break
+        for cid in ids:
+            _sh([podman, "rm", "-f", cid], check=False)
+    for vol in _sh([podman, "volume", "ls", "-q", "--filter", label], check=False).split():
+        _sh([podman, "volume", "rm", "-f", vol], check=False)
+    _sh([podman, "network", "rm", "-f", f"{PROJECT}_default"], check=False)
+
+
 def _png(mode: str, color: object) -> str:
     buf = io.BytesIO()
     Image.new(mode, (64, 64), color).save(buf, format="PNG")  # type: ignore[arg-type]
@@ -123,6 +138,7 @@ def stack() -> Iterator[Stack]:
            "PROMETHEUS_PORT": str(free_port()), "GRAFANA_PORT": str(free_port())}
     s = Stack(compose, podman, env)
     s.run("down", "-v", check=False)
+    _remove_leftovers(podman)
     try:
         t_up = time.monotonic()
         s.run("up", "-d", timeout=900)
@@ -134,6 +150,10 @@ def stack() -> Iterator[Stack]:
         raise
     finally:
         s.run("down", "-v", timeout=600, check=False)
+        _remove_leftovers(podman)
+        label = f"label=io.podman.compose.project={PROJECT}"
+        left = _sh([podman, "ps", "-a", "-q", "--filter", label]) + _sh([podman, "volume", "ls", "-q", "--filter", label])
+        assert not left.split(), f"teardown left containers or volumes: {left}"
         total = time.monotonic() - t_start
         print(f"deploy test wall time: {total:.0f}s; builds {builds}")
         out = os.environ.get("LDM_DEPLOY_TIMINGS")
