@@ -693,7 +693,9 @@ def check_job_id(job_id: str) -> None:
     never reach Redis as part of a key (they would address another key of the job).
     """
     if not is_job_id(job_id):
-        raise JobNotFound(f"job {str(job_id)[:64]!r} does not exist (not a job id)")
+        raise JobNotFound(
+            f"job_id: {str(job_id)[:64]!r} is not a job id (26 lower-case base32 characters); no such job"
+        )
 
 
 def _split_idempotent(value: str | None) -> tuple[str, str] | None:

@@ -185,7 +185,7 @@ CATALOGUE = [
           status=(400, 422), fields=("metadata", "body")),
     # --- defect 3: the body limit must hold while streaming (chunked, no Content-Length) ------------
     Entry("chunked-100mb-json", "POST", T2I, _chunks(100 * MB, b'{"prompt": "', b"x"), status=(413,),
-          fields=("body",)),
+          fields=("body",), headers={"Content-Type": "application/json"}),
     Entry("chunked-100mb-multipart", "POST", INP, _chunks(100 * MB, MULTIPART_HEAD, b"\0"), status=(413,),
           fields=("body", "image"), headers={"Content-Type": "multipart/form-data; boundary=XyZ"}),
     # --- defect 6: cost bounded by the model and by the key's rights -------------------------------
