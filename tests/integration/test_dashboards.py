@@ -106,6 +106,7 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         heartbeat_interval_s=0.5, heartbeat_ttl_s=10, reap_interval_s=1, allow_private_webhooks="true",
         webhook_secret=SECRET, webhook_retry_base_s=0.5, webhook_progress_interval_s=0, max_width=256,
         max_height=256, max_steps=60,
+        default_priority_high="true",  # the queue-depth panels want jobs of every priority
     )
     procs: list[subprocess.Popen[bytes]] = []
     try:
