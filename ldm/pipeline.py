@@ -34,13 +34,13 @@ from PIL import Image
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
 from ldm.denoiser import GuidedDenoiser, UNetCallable
-from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
-from ldm.engine.ddim import row_coefficients
-from ldm.engine.padding import PaddedUNet
-from ldm.engine.rows import PreparedRow
-from ldm.loader import LoadedModel, load_model
+from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
+from ldm.execution.padding import PaddedUNet
+from ldm.loading.loader import LoadedModel, load_model
+from ldm.noise_schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
 from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
-from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
+from ldm.sampling.ddim import row_coefficients
+from ldm.sampling.rows import PreparedRow
 from ldm_serve.errors import ConfigError, InvalidInput
 
 __all__ = [
@@ -105,7 +105,7 @@ class LatentDiffusionPipeline:
     """A loaded model plus the sampling logic around it.
 
     Args:
-        model: the components from :func:`ldm.loader.load_model`.
+        model: the components from :func:`ldm.loading.loader.load_model`.
         name: model id reported to clients.
         timestep_spacing: DDIM discretization; ``"uniform"`` is the original LDM one.
         untrained: True for random-weight models (the service says so loudly).
@@ -115,7 +115,7 @@ class LatentDiffusionPipeline:
             kernels land there).
         core_workers: CPU only: run the UNet, text encoder and decoder on this many
             threads of one core each, over rows (batch-invariant) or shards of the
-            batch (see :mod:`ldm.engine.core_pool`); ``None``: torch's thread count;
+            batch (see :mod:`ldm.execution.core_pool`); ``None``: torch's thread count;
             1: one call per row / batch in the calling thread with all its threads.
             A row's image depends on this setting (one-core vs multi-core kernels
             round differently) but never on its batch-mates.

@@ -20,8 +20,8 @@ from torch import nn
 
 from ldm.autoencoder import build_first_stage
 from ldm.config import AutoencoderConfig, BERTEmbedderConfig, ModelConfig, UNetConfig
-from ldm.config_yaml import model_config_to_yaml
 from ldm.encoders import build_cond_stage_model
+from ldm.loading.config_yaml import model_config_to_yaml
 from ldm.unet import UNetModel
 
 __all__ = ["RANDOM_MODEL_CONFIG", "randomize_weights_", "write_random_model"]

@@ -3,7 +3,7 @@
 ``TINY_*`` are complete :class:`~ldm.config.ModelConfig` objects built from the
 components in :mod:`tests.tiny`. Where a value cannot be seen in tensor shapes
 (head counts, schedule, scale factor, training size) they follow the family's
-released config exactly as :mod:`ldm.detect` assumes it, so that
+released config exactly as :mod:`ldm.loading.detect` assumes it, so that
 ``infer_model_config`` on a written checkpoint reproduces them:
 
 * CLIP text towers use 64-channel heads (ViT-L/14 and ViT-H-14 both do), so the
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from ldm.autoencoder import build_first_stage
-from ldm.checkpoint import ema_key
 from ldm.config import BERTEmbedderConfig, CLIPTextConfig, ModelConfig
-from ldm.config_yaml import model_config_to_yaml
 from ldm.encoders import build_cond_stage_model, clip_to_openclip_state_dict
-from ldm.schedule import alphas_cumprod, make_beta_schedule
+from ldm.loading.checkpoint import ema_key
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.noise_schedule import alphas_cumprod, make_beta_schedule
 from ldm.unet import UNetModel
 from tests.randomize import randomize_
 from tests.tiny import (

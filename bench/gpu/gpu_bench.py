@@ -59,9 +59,9 @@ from ldm.backends import apply_backend  # noqa: E402
 from ldm.backends.base import UNetShapes  # noqa: E402
 from ldm.backends.compile import example_unet_inputs  # noqa: E402
 from ldm.config import AutoencoderConfig, CLIPTextConfig, ModelConfig, UNetConfig  # noqa: E402
-from ldm.config_yaml import model_config_to_yaml  # noqa: E402
 from ldm.encoders import build_cond_stage_model  # noqa: E402
-from ldm.loader import LoadedModel, load_tokenizer_for, model_alphas_cumprod  # noqa: E402
+from ldm.loading.config_yaml import model_config_to_yaml  # noqa: E402
+from ldm.loading.loader import LoadedModel, load_tokenizer_for, model_alphas_cumprod  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 from ldm_serve.errors import ConfigError  # noqa: E402

@@ -2,7 +2,7 @@
 
 The reference models are random tiny ``diffusers.UNet2DConditionModel`` /
 ``AutoencoderKL`` and ``transformers.CLIPTextModel`` instances saved as a
-Stable Diffusion pipeline folder; ``ldm.loader.load_model`` converts them to the
+Stable Diffusion pipeline folder; ``ldm.loading.loader.load_model`` converts them to the
 original layout, and the two implementations must agree to float32 rounding.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.loader import load_model
+from ldm.loading.loader import load_model
 from tests.randomize import randomize_
 from tests.tokenizer_files import write_clip_tokenizer
 

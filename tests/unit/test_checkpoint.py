@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import (
+from ldm.loading.checkpoint import (
     DEFAULT_IGNORED_KEYS,
     ema_key,
     load_component_strict,
@@ -20,8 +20,8 @@ from ldm.checkpoint import (
     redot_unet_key,
     split_components,
 )
-from ldm.config_yaml import model_config_to_yaml
-from ldm.loader import load_model, model_alphas_cumprod
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.loading.loader import load_model, model_alphas_cumprod
 from ldm.unet import UNetModel
 from ldm_serve.errors import CheckpointError, ConfigError, TokenizerFilesMissing
 from tests.checkpoints import (

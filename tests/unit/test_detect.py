@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import read_state_dict
-from ldm.detect import infer_model_config
+from ldm.loading.checkpoint import read_state_dict
+from ldm.loading.detect import infer_model_config
 from ldm_serve.errors import ConfigError
 from tests.checkpoints import (
     ALL_TINY,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ldm.attention import AttentionBlock, GroupNorm32, SpatialTransformer
 from ldm.config import UNetConfig
 from ldm.unet import ResBlock, UNetModel, timestep_embedding
-from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.errors import ConfigError, InternalError
 from tests import tiny
 from tests.randomize import randomize_
 
@@ -471,15 +471,15 @@ def test_attention_block_heads_must_divide_channels() -> None:
 
 
 @torch.no_grad()
-def test_invalid_inputs_raise_invalid_input() -> None:
+def test_invalid_inputs_raise_internal_error() -> None:
     model = UNetModel(tiny.UNET_SD1)
     x, t, ctx, _ = inputs(tiny.UNET_SD1, batch=1)
-    with pytest.raises(InvalidInput, match="context"):
+    with pytest.raises(InternalError, match="context"):
         model(x, t)
-    with pytest.raises(InvalidInput, match="multiples of 2"):
+    with pytest.raises(InternalError, match="multiples of 2"):
         model(x[..., :15], t, ctx)
     class_model = UNetModel(dataclasses.replace(tiny.UNET_LDM_INPAINT, num_classes=3))
-    with pytest.raises(InvalidInput, match="class labels"):
+    with pytest.raises(InternalError, match="class labels"):
         class_model(torch.randn(1, 7, 8, 8), t)
 
 

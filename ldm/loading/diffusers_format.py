@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import read_state_dict
 from ldm.config import AutoencoderConfig, CLIPTextConfig, ModelConfig, UNetConfig
-from ldm.config_yaml import classify_family
-from ldm.detect import normalize_prediction_type
+from ldm.loading.checkpoint import read_state_dict
+from ldm.loading.config_yaml import classify_family
+from ldm.loading.detect import normalize_prediction_type
 from ldm_serve.errors import CheckpointError, ConfigError
 
 __all__ = [

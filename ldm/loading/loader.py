@@ -5,11 +5,11 @@
 * an original checkpoint (``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``)
   with its config given explicitly (a :class:`~ldm.config.ModelConfig`, a YAML path
   or an already-parsed YAML mapping), or found as ``<checkpoint stem>.yaml`` beside
-  the file, or else inferred from the tensor shapes (:mod:`ldm.detect`);
+  the file, or else inferred from the tensor shapes (:mod:`ldm.loading.detect`);
 * a diffusers-format folder (``model_index.json`` + ``unet/`` ``vae/`` ...),
-  converted to the original layout by :mod:`ldm.diffusers_format`.
+  converted to the original layout by :mod:`ldm.loading.diffusers_format`.
 
-Every component is loaded strictly (:func:`ldm.checkpoint.load_component_strict`):
+Every component is loaded strictly (:func:`ldm.loading.checkpoint.load_component_strict`):
 a checkpoint that does not fit the configured architecture raises
 :class:`~ldm_serve.errors.CheckpointError` listing the offending tensors.
 """
@@ -26,20 +26,20 @@ import torch
 from torch import nn
 
 from ldm.autoencoder import build_first_stage
-from ldm.checkpoint import (
+from ldm.config import BERTEmbedderConfig, CLIPTextConfig, CondStageConfig, ModelConfig
+from ldm.encoders import build_cond_stage_model, openclip_to_clip_state_dict
+from ldm.loading.checkpoint import (
     DEFAULT_IGNORED_KEYS,
     CheckpointComponents,
     load_component_strict,
     read_state_dict,
     split_components,
 )
-from ldm.config import BERTEmbedderConfig, CLIPTextConfig, CondStageConfig, ModelConfig
-from ldm.config_yaml import model_config_from_yaml
-from ldm.detect import infer_model_config, normalize_prediction_type
-from ldm.diffusers_format import is_diffusers_folder, read_diffusers_folder
-from ldm.encoders import build_cond_stage_model, openclip_to_clip_state_dict
-from ldm.schedule import alphas_cumprod as alphas_cumprod_of
-from ldm.schedule import make_beta_schedule
+from ldm.loading.config_yaml import model_config_from_yaml
+from ldm.loading.detect import infer_model_config, normalize_prediction_type
+from ldm.loading.diffusers_format import is_diffusers_folder, read_diffusers_folder
+from ldm.noise_schedule import alphas_cumprod as alphas_cumprod_of
+from ldm.noise_schedule import make_beta_schedule
 from ldm.tokenizers import TextTokenizer, load_tokenizer
 from ldm.unet import UNetModel
 from ldm_serve.errors import CheckpointError, ConfigError, TokenizerFilesMissing

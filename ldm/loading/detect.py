@@ -44,12 +44,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.checkpoint import (
-    COND_STAGE_PREFIX,
-    FIRST_STAGE_PREFIX,
-    UNET_PREFIX,
-    split_components,
-)
 from ldm.config import (
     AutoencoderConfig,
     BERTEmbedderConfig,
@@ -59,7 +53,13 @@ from ldm.config import (
     ModelConfig,
     UNetConfig,
 )
-from ldm.config_yaml import CLIP_VIT_L_14, OPENCLIP_VIT_H_14, default_unconditional_class
+from ldm.loading.checkpoint import (
+    COND_STAGE_PREFIX,
+    FIRST_STAGE_PREFIX,
+    UNET_PREFIX,
+    split_components,
+)
+from ldm.loading.config_yaml import CLIP_VIT_L_14, OPENCLIP_VIT_H_14, default_unconditional_class
 from ldm_serve.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -374,7 +374,7 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, prediction_type: str |
     """Infer the configuration of an original-layout checkpoint from its tensor shapes.
 
     Args:
-        sd: the flat state dict from :func:`ldm.checkpoint.read_state_dict`.
+        sd: the flat state dict from :func:`ldm.loading.checkpoint.read_state_dict`.
         prediction_type: ``"eps"``/``"epsilon"`` or ``"v"``/``"v_prediction"``;
             overrides the family default (needed for SD 2.x, see the module docstring).
 
