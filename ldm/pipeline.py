@@ -672,6 +672,7 @@ def load_pipeline(
     timestep_spacing: TimestepSpacing = "uniform",
     batch_invariant: bool | None = None,
     core_workers: int | None = None,
+    text_encoder: str | Path | None = None,
 ) -> LatentDiffusionPipeline:
     """Load a checkpoint (original single file or diffusers folder) into a pipeline.
 
@@ -686,10 +687,18 @@ def load_pipeline(
         name: model id; default from ``<stem>.json`` or the file stem.
         timestep_spacing: DDIM discretization, ``"uniform"`` as in the original code.
         batch_invariant, core_workers: see :class:`LatentDiffusionPipeline`.
+        text_encoder: the text encoder of a checkpoint pruned of it (a diffusers
+            ``text_encoder/`` folder or a file), see :func:`ldm.loading.loader.load_model`.
     """
     path = Path(path)
     model = load_model(
-        path, config, device=device, dtype=dtype, use_ema=use_ema, tokenizer_dir=tokenizer_dir
+        path,
+        config,
+        device=device,
+        dtype=dtype,
+        use_ema=use_ema,
+        tokenizer_dir=tokenizer_dir,
+        text_encoder=text_encoder,
     )
     meta = _read_metadata(path)
     model_name = name or str(meta.get("name") or (path.stem if path.is_file() else path.name))
