@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ldm.loading.loader import load_model
-from tests.randomize import randomize_
+from ldm.tiny import randomize_weights_
 from tests.tokenizer_files import write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -83,7 +83,7 @@ def _save_folder(tmp_path: Path, variant: dict) -> tuple[Path, dict]:
         )
     )
     for seed, module in enumerate((unet, vae, text)):
-        randomize_(module, seed=seed)
+        randomize_weights_(module, seed=seed)
     vocab_dir = write_clip_tokenizer(tmp_path / "vocab")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, pad_token=variant["pad_token"])
     scheduler = diffusers.DDIMScheduler(
