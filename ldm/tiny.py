@@ -39,7 +39,7 @@ TINY_UNET = UNetConfig(
 def _generator(seed: int | torch.Generator, device: torch.device | str | None = None) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
-    return torch.Generator(device=device or "cpu").manual_seed(seed)
+    return torch.Generator(device="cpu" if device is None else device).manual_seed(seed)
 
 
 @torch.no_grad()

@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the bundled model)")
     onnx.add_argument("--config", help="original YAML config (default: beside the checkpoint, or inferred)")
     onnx.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
+    onnx.add_argument("--text-encoder", help="text encoder of a checkpoint pruned of it (see generate)")
     onnx.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use model_ema.* weights")
     onnx.add_argument("--device", default="cpu")
     onnx.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
