@@ -9,7 +9,7 @@ sampling with classifier-free guidance and decoding are all counted):
   text encoder and decoder run one row at a time so that an image does not depend
   on its batch-mates;
 * ``eager-row-parallel``: the CPU serving default: batch-invariant rows run side by
-  side on one-core threads (``core_workers`` = torch's threads, :mod:`ldm.engine.core_pool`);
+  side on one-core threads (``core_workers`` = torch's threads, :mod:`ldm.execution.core_pool`);
 * ``eager-sharded``: not batch-invariant; the batch split into one shard per core;
 * ``torchscript-row-parallel`` / ``torchscript-sharded``: the same on the
   ``torchscript`` backend (``LDM_BACKEND=torchscript``);

@@ -24,7 +24,7 @@ import torch
 
 from ldm.autoencoder import build_first_stage
 from ldm.config import AutoencoderConfig, UNetConfig
-from ldm.random_model import randomize_weights_
+from ldm.tiny import TINY_UNET, randomize_weights_
 from ldm.unet import UNetModel
 
 SD15_UNET = UNetConfig(
@@ -42,18 +42,6 @@ SD15_UNET = UNetConfig(
 )
 SD15_VAE = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2)
 
-TINY_UNET = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=2,
-    legacy=False,
-    use_spatial_transformer=True,
-    context_dim=32,
-)
 TINY_VAE = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 PRESETS = {

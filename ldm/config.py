@@ -5,7 +5,7 @@ LDM YAML files (``model.params.unet_config.params`` etc.) so that a YAML file
 maps onto them one to one. ``ModelConfig`` ties the parts together.
 
 The YAML parser and the shape-based family detection live in
-``ldm.config_yaml`` and ``ldm.detect``; this module only holds the data.
+``ldm.loading.config_yaml`` and ``ldm.loading.detect``; this module only holds the data.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ldm.config import Parameterization
-from ldm_serve.errors import InvalidInput
+from ldm_serve.errors import InternalError
 
 __all__ = ["GuidedDenoiser", "UNetCallable"]
 
@@ -37,9 +37,9 @@ def _rows_of(name: str, value: torch.Tensor | None, batch: int | None) -> int | 
     if value is None:
         return batch
     if value.ndim == 0:
-        raise InvalidInput(name, "expected a per-row tensor with a leading batch dimension")
+        raise InternalError(name, "expected a per-row tensor with a leading batch dimension")
     if batch is not None and value.shape[0] != batch:
-        raise InvalidInput(name, f"has {value.shape[0]} rows, expected {batch}")
+        raise InternalError(name, f"has {value.shape[0]} rows, expected {batch}")
     return value.shape[0]
 
 
@@ -65,7 +65,7 @@ class GuidedDenoiser:
             The output is always returned in ``x``'s dtype (float32 in the sampler).
 
     Raises:
-        InvalidInput: inconsistent row counts or shapes, guidance without an
+        InternalError: inconsistent row counts or shapes, guidance without an
             unconditional input, v-parameterization without ``alphas_cumprod``.
     """
 
@@ -93,37 +93,37 @@ class GuidedDenoiser:
         ):
             batch = _rows_of(name, value, batch)
         if uncond_context is not None and (context is None or uncond_context.shape != context.shape):
-            raise InvalidInput(
+            raise InternalError(
                 "uncond_context",
                 f"must match context's shape {None if context is None else list(context.shape)}, "
                 f"got {list(uncond_context.shape)}",
             )
         if uncond_y is not None and (y is None or uncond_y.shape != y.shape):
-            raise InvalidInput("uncond_y", "must be given together with y and have the same shape")
+            raise InternalError("uncond_y", "must be given together with y and have the same shape")
 
         scale = torch.as_tensor(guidance_scale, dtype=torch.float32).detach().cpu()
         if scale.ndim == 0:
             if batch is None and float(scale) != 1.0:
-                raise InvalidInput("guidance_scale", "guidance needs per-row conditioning")
+                raise InternalError("guidance_scale", "guidance needs per-row conditioning")
             scale = scale.expand(batch if batch is not None else 0)
         if scale.ndim != 1 or (batch is not None and scale.shape[0] != batch):
-            raise InvalidInput("guidance_scale", f"expected shape [{batch}], got {list(scale.shape)}")
+            raise InternalError("guidance_scale", f"expected shape [{batch}], got {list(scale.shape)}")
         self._guided = [s != 1.0 for s in scale.tolist()]  # host-side: which rows need the uncond half
         if any(self._guided):
             has_uncond = (uncond_context is not None or uncond_y is not None) and (
                 (context is None) == (uncond_context is None) and (y is None) == (uncond_y is None)
             )
             if not has_uncond:
-                raise InvalidInput(
+                raise InternalError(
                     "guidance_scale",
                     "a scale other than 1 needs the unconditional counterpart of every conditioning "
                     "input (uncond_context for context, uncond_y for y)",
                 )
 
         if parameterization not in ("eps", "v"):
-            raise InvalidInput("parameterization", f"expected 'eps' or 'v', got {parameterization!r}")
+            raise InternalError("parameterization", f"expected 'eps' or 'v', got {parameterization!r}")
         if parameterization == "v" and alphas_cumprod is None:
-            raise InvalidInput("alphas_cumprod", "required for v-parameterization")
+            raise InternalError("alphas_cumprod", "required for v-parameterization")
 
         self.unet = unet
         self.parameterization = parameterization
@@ -143,7 +143,7 @@ class GuidedDenoiser:
         device = x.device
         row_list = [int(r) for r in rows.tolist()]
         if self._guided and max(row_list) >= len(self._guided):
-            raise InvalidInput("rows", f"row {max(row_list)} outside a batch of {len(self._guided)}")
+            raise InternalError("rows", f"row {max(row_list)} outside a batch of {len(self._guided)}")
         guided_pos = [k for k, r in enumerate(row_list) if self._guided and self._guided[r]]
         n_guided = len(guided_pos)
         rows_dev = rows.to(device)

@@ -34,13 +34,13 @@ from PIL import Image
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
 from ldm.denoiser import GuidedDenoiser, UNetCallable
-from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
-from ldm.engine.ddim import row_coefficients
-from ldm.engine.padding import PaddedUNet
-from ldm.engine.rows import PreparedRow
-from ldm.loader import LoadedModel, load_model
+from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
+from ldm.execution.padding import PaddedUNet
+from ldm.loading.loader import LoadedModel, load_model
+from ldm.noise_schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
 from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
-from ldm.schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
+from ldm.sampling.ddim import row_coefficients
+from ldm.sampling.rows import PreparedRow
 from ldm_serve.errors import ConfigError, InvalidInput
 
 __all__ = [
@@ -105,7 +105,7 @@ class LatentDiffusionPipeline:
     """A loaded model plus the sampling logic around it.
 
     Args:
-        model: the components from :func:`ldm.loader.load_model`.
+        model: the components from :func:`ldm.loading.loader.load_model`.
         name: model id reported to clients.
         timestep_spacing: DDIM discretization; ``"uniform"`` is the original LDM one.
         untrained: True for random-weight models (the service says so loudly).
@@ -115,7 +115,7 @@ class LatentDiffusionPipeline:
             kernels land there).
         core_workers: CPU only: run the UNet, text encoder and decoder on this many
             threads of one core each, over rows (batch-invariant) or shards of the
-            batch (see :mod:`ldm.engine.core_pool`); ``None``: torch's thread count;
+            batch (see :mod:`ldm.execution.core_pool`); ``None``: torch's thread count;
             1: one call per row / batch in the calling thread with all its threads.
             A row's image depends on this setting (one-core vs multi-core kernels
             round differently) but never on its batch-mates.
@@ -687,6 +687,7 @@ def load_pipeline(
     timestep_spacing: TimestepSpacing = "uniform",
     batch_invariant: bool | None = None,
     core_workers: int | None = None,
+    text_encoder: str | Path | None = None,
 ) -> LatentDiffusionPipeline:
     """Load a checkpoint (original single file or diffusers folder) into a pipeline.
 
@@ -701,10 +702,18 @@ def load_pipeline(
         name: model id; default from ``<stem>.json`` or the file stem.
         timestep_spacing: DDIM discretization, ``"uniform"`` as in the original code.
         batch_invariant, core_workers: see :class:`LatentDiffusionPipeline`.
+        text_encoder: the text encoder of a checkpoint pruned of it (a diffusers
+            ``text_encoder/`` folder or a file), see :func:`ldm.loading.loader.load_model`.
     """
     path = Path(path)
     model = load_model(
-        path, config, device=device, dtype=dtype, use_ema=use_ema, tokenizer_dir=tokenizer_dir
+        path,
+        config,
+        device=device,
+        dtype=dtype,
+        use_ema=use_ema,
+        tokenizer_dir=tokenizer_dir,
+        text_encoder=text_encoder,
     )
     meta = _read_metadata(path)
     model_name = name or str(meta.get("name") or (path.stem if path.is_file() else path.name))

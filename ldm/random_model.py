@@ -1,8 +1,9 @@
 """A tiny, untrained, text-conditioned model in the original checkpoint layout.
 
 Used by tests and by ``ldm-serve up`` when no trained model is available. It is a
-real member of the family (KL autoencoder f=4, UNet with spatial transformers,
-LDM BERT text encoder) with random weights, so it draws structured noise: every
+real member of the family (KL autoencoder f=4, the UNet :data:`ldm.tiny.TINY_UNET`
+with spatial transformers, LDM BERT text encoder) with random weights
+(:mod:`ldm.tiny`), so it draws structured noise: every
 place that shows it must say that it is untrained (``<stem>.json`` carries
 ``"untrained": true``, which :func:`ldm.pipeline.load_pipeline` reads).
 """
@@ -10,7 +11,6 @@ place that shows it must say that it is untrained (``<stem>.json`` carries
 from __future__ import annotations
 
 import json
-import math
 import string
 from pathlib import Path
 
@@ -19,12 +19,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm.autoencoder import build_first_stage
-from ldm.config import AutoencoderConfig, BERTEmbedderConfig, ModelConfig, UNetConfig
-from ldm.config_yaml import model_config_to_yaml
+from ldm.config import AutoencoderConfig, BERTEmbedderConfig, ModelConfig
 from ldm.encoders import build_cond_stage_model
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.tiny import TINY_UNET, randomize_unet_weights_, randomize_weights_
 from ldm.unet import UNetModel
 
-__all__ = ["RANDOM_MODEL_CONFIG", "randomize_weights_", "write_random_model"]
+__all__ = ["RANDOM_MODEL_CONFIG", "write_random_model"]
 
 _WORDS = (
     "a an the of on in at and with to left right top bottom center centre middle small big large "
@@ -34,19 +35,7 @@ _WORDS = (
 
 RANDOM_MODEL_CONFIG = ModelConfig(
     family="ldm-txt2img",
-    unet=UNetConfig(
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(1, 2),
-        num_heads=4,
-        legacy=False,
-        use_spatial_transformer=True,
-        transformer_depth=1,
-        context_dim=32,
-    ),
+    unet=TINY_UNET,
     first_stage=AutoencoderConfig(
         kind="kl",
         embed_dim=4,
@@ -72,23 +61,6 @@ def _vocab() -> list[str]:
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *letters, *("##" + c for c in letters)]
 
 
-@torch.no_grad()
-def randomize_weights_(module: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Give ``module`` non-degenerate random weights in place, deterministically from ``gen``.
-
-    The original zero-initialises several output layers, which would make an
-    untrained model (or a parity check between two implementations) degenerate.
-    """
-    for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-        elif name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-        else:
-            p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return module
-
-
 def write_random_model(directory: str | Path, *, seed: int = 0) -> Path:
     """Write ``random-untrained.safetensors`` + ``.yaml`` + ``.json`` + ``tokenizer/vocab.txt``.
 
@@ -97,15 +69,13 @@ def write_random_model(directory: str | Path, *, seed: int = 0) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = RANDOM_MODEL_CONFIG
-    gen = torch.Generator().manual_seed(seed)
     parts: dict[str, nn.Module] = {
-        "model.diffusion_model.": UNetModel(cfg.unet),
-        "first_stage_model.": build_first_stage(cfg.first_stage),
-        "cond_stage_model.": build_cond_stage_model(cfg.cond_stage),
+        "model.diffusion_model.": randomize_unet_weights_(UNetModel(cfg.unet), seed),
+        "first_stage_model.": randomize_weights_(build_first_stage(cfg.first_stage), seed + 1),
+        "cond_stage_model.": randomize_weights_(build_cond_stage_model(cfg.cond_stage), seed + 2),
     }
     state: dict[str, torch.Tensor] = {}
     for prefix, module in parts.items():
-        randomize_weights_(module, gen)
         state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
     ckpt = directory / "random-untrained.safetensors"
     save_file(state, str(ckpt))

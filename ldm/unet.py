@@ -30,7 +30,7 @@ from torch import nn
 
 from ldm.attention import AttentionBlock, GroupNorm32, SpatialTransformer
 from ldm.config import UNetConfig
-from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.errors import ConfigError, InternalError
 
 __all__ = [
     "Downsample",
@@ -406,14 +406,14 @@ class UNetModel(nn.Module):
             ``[B, out_channels, H, W]`` in the dtype of ``x``.
         """
         if x.dim() != 4:
-            raise InvalidInput("x", f"expected [B, C, H, W], got {tuple(x.shape)}")
+            raise InternalError("x", f"expected [B, C, H, W], got {tuple(x.shape)}")
         f = self.downsample_factor
         if not torch.jit.is_tracing() and (x.shape[-2] % f or x.shape[-1] % f):
-            raise InvalidInput("x", f"height and width must be multiples of {f}, got {tuple(x.shape[-2:])}")
+            raise InternalError("x", f"height and width must be multiples of {f}, got {tuple(x.shape[-2:])}")
         if self.use_spatial_transformer and context is None:
-            raise InvalidInput("context", "this UNet cross-attends and needs a [B, L, context_dim] context")
+            raise InternalError("context", "this UNet cross-attends and needs a [B, L, context_dim] context")
         if self.num_classes is not None and y is None:
-            raise InvalidInput("y", "this UNet is class-conditional and needs [B] class labels")
+            raise InternalError("y", "this UNet is class-conditional and needs [B] class labels")
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))  # [B, 4 * mc]
         if self.num_classes is not None and y is not None:

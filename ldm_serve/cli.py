@@ -40,6 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: the bundled model)")
     p.add_argument("--config", help="original YAML config (default: <checkpoint>.yaml beside it, or inferred)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
+    p.add_argument("--text-encoder", help="text encoder of a checkpoint pruned of it: a diffusers "
+                   "text_encoder/ folder or a file of cond_stage_model.* weights")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use model_ema.* weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -72,6 +74,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch
         dtype=getattr(torch, args.dtype),
         use_ema=args.ema,
         tokenizer_dir=args.tokenizer,
+        text_encoder=args.text_encoder,
     )
 
 
@@ -177,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the bundled model)")
     onnx.add_argument("--config", help="original YAML config (default: beside the checkpoint, or inferred)")
     onnx.add_argument("--tokenizer", help="tokenizer folder (default: tokenizer/ beside the checkpoint)")
+    onnx.add_argument("--text-encoder", help="text encoder of a checkpoint pruned of it (see generate)")
     onnx.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="use model_ema.* weights")
     onnx.add_argument("--device", default="cpu")
     onnx.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")

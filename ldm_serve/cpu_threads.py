@@ -1,6 +1,6 @@
 """OpenMP's wait policy for CPU workers with core-sharded execution (torch-free).
 
-With core workers (``ldm/engine/core_pool.py``) the heavy work runs on one-core
+With core workers (``ldm/execution/core_pool.py``) the heavy work runs on one-core
 threads, while the thread that drives sampling runs only small operators between
 UNet calls. Under OpenMP's default wait policy, the driving thread's idle OpenMP
 threads keep spinning after each of its parallel regions and take CPU time from the

@@ -22,7 +22,8 @@ the model code raises them and never thinks about transport codes.
     ├── QueueUnavailable                      -> 503  Redis unreachable
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
-    └── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
+    ├── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
+    └── InternalError                         -> 500  an internal invariant failed (a bug, not the caller's input)
 """
 
 from __future__ import annotations
@@ -225,3 +226,22 @@ class Forbidden(LdmServeError):
 
     def to_dict(self) -> dict[str, object]:
         return {"type": self.code, "field": self.field, "message": str(self)}
+
+
+class InternalError(LdmServeError):
+    """An internal invariant failed: values built by our own code (a denoiser's rows, a
+    UNet's tensors, a sampler's timesteps) are inconsistent. A bug, never the caller's fault,
+    so its API body names no request field; request values are checked before, at the
+    door (:class:`InvalidInput`).
+
+    Args:
+        subject: the internal value that is wrong (``parameterization``, ``x``, ...), for the log.
+        message: what is wrong with it.
+    """
+
+    http_status = 500
+    code = "internal_error"
+
+    def __init__(self, subject: str, message: str) -> None:
+        self.subject = subject
+        super().__init__(f"internal error: {subject}: {message}")

@@ -3,7 +3,7 @@
 ``TINY_*`` are complete :class:`~ldm.config.ModelConfig` objects built from the
 components in :mod:`tests.tiny`. Where a value cannot be seen in tensor shapes
 (head counts, schedule, scale factor, training size) they follow the family's
-released config exactly as :mod:`ldm.detect` assumes it, so that
+released config exactly as :mod:`ldm.loading.detect` assumes it, so that
 ``infer_model_config`` on a written checkpoint reproduces them:
 
 * CLIP text towers use 64-channel heads (ViT-L/14 and ViT-H-14 both do), so the
@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from ldm.autoencoder import build_first_stage
-from ldm.checkpoint import ema_key
 from ldm.config import BERTEmbedderConfig, CLIPTextConfig, ModelConfig
-from ldm.config_yaml import model_config_to_yaml
 from ldm.encoders import build_cond_stage_model, clip_to_openclip_state_dict
-from ldm.schedule import alphas_cumprod, make_beta_schedule
+from ldm.loading.checkpoint import ema_key
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.noise_schedule import alphas_cumprod, make_beta_schedule
+from ldm.tiny import randomize_weights_
 from ldm.unet import UNetModel
-from tests.randomize import randomize_
 from tests.tiny import (
     AE_KL_F8,
     AE_VQ_F4,
@@ -153,11 +153,11 @@ ALL_TINY: dict[str, ModelConfig] = {
 def build_modules(config: ModelConfig, seed: int = 0) -> dict[str, torch.nn.Module]:
     """Our modules for ``config`` with random weights (``unet``, ``first_stage``, ``cond_stage`` if any)."""
     modules: dict[str, torch.nn.Module] = {
-        "unet": randomize_(UNetModel(config.unet), seed=seed),
-        "first_stage": randomize_(build_first_stage(config.first_stage), seed=seed + 1),
+        "unet": randomize_weights_(UNetModel(config.unet), seed=seed),
+        "first_stage": randomize_weights_(build_first_stage(config.first_stage), seed=seed + 1),
     }
     if config.cond_stage is not None:
-        modules["cond_stage"] = randomize_(build_cond_stage_model(config.cond_stage), seed=seed + 2)
+        modules["cond_stage"] = randomize_weights_(build_cond_stage_model(config.cond_stage), seed=seed + 2)
     return modules
 
 
@@ -204,7 +204,7 @@ def original_state_dict(
     if not ema_only:
         sd.update(_prefixed("model.diffusion_model.", modules["unet"].state_dict()))
     if ema or ema_only:
-        ema_unet = randomize_(UNetModel(config.unet), seed=seed + 100)
+        ema_unet = randomize_weights_(UNetModel(config.unet), seed=seed + 100)
         sd.update({ema_key(k): v.detach().clone() for k, v in ema_unet.state_dict().items()})
         sd["model_ema.decay"] = torch.tensor(0.9999)
         sd["model_ema.num_updates"] = torch.tensor(1234, dtype=torch.int32)

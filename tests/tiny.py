@@ -13,21 +13,10 @@ from ldm.config import (
     CLIPTextConfig,
     UNetConfig,
 )
+from ldm.tiny import TINY_UNET
 
-# SD 1.x shape: conv proj_in, fixed head count (legacy=False), context 32.
-UNET_SD1 = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=2,
-    legacy=False,
-    use_spatial_transformer=True,
-    transformer_depth=1,
-    context_dim=32,
-)
+# SD 1.x shape: conv proj_in, fixed head count (legacy=False), context 32: the one tiny UNet.
+UNET_SD1 = TINY_UNET
 
 # SD 2.x shape: linear proj_in/out, head channels instead of a head count.
 UNET_SD2 = UNetConfig(

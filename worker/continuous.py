@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 
 def engine_config(settings: Settings) -> Any:
-    """The scheduler configuration the settings describe."""
-    from ldm.engine.scheduler import SchedulerConfig
+    """The admission configuration the settings describe."""
+    from ldm.engine.admission import AdmissionConfig
 
     budget = settings.engine_memory_budget_mb
-    return SchedulerConfig(
+    return AdmissionConfig(
         max_rows=settings.max_batch_rows,
         max_bytes=None if budget is None else int(budget * 2**20),
         buckets=tuple(settings.engine_buckets),
@@ -217,4 +217,4 @@ class ContinuousRunner(BatchRunner):
 
     def _gauges(self) -> None:
         self.metrics.engine_running_rows.labels(self.model).set(self.engine.running_rows)
-        self.metrics.engine_waiting_rows.labels(self.model).set(self.engine.scheduler.waiting_rows)
+        self.metrics.engine_waiting_rows.labels(self.model).set(self.engine.admission.waiting_rows)

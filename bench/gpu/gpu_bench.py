@@ -59,10 +59,11 @@ from ldm.backends import apply_backend  # noqa: E402
 from ldm.backends.base import UNetShapes  # noqa: E402
 from ldm.backends.compile import example_unet_inputs  # noqa: E402
 from ldm.config import AutoencoderConfig, CLIPTextConfig, ModelConfig, UNetConfig  # noqa: E402
-from ldm.config_yaml import model_config_to_yaml  # noqa: E402
 from ldm.encoders import build_cond_stage_model  # noqa: E402
-from ldm.loader import LoadedModel, load_tokenizer_for, model_alphas_cumprod  # noqa: E402
+from ldm.loading.config_yaml import model_config_to_yaml  # noqa: E402
+from ldm.loading.loader import LoadedModel, load_tokenizer_for, model_alphas_cumprod  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline  # noqa: E402
+from ldm.tiny import randomize_unet_weights_, randomize_weights_  # noqa: E402
 from ldm.unet import UNetModel  # noqa: E402
 from ldm_serve.errors import ConfigError  # noqa: E402
 
@@ -125,21 +126,6 @@ class State:
 # --------------------------------------------------------------------------- models
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-degenerate random weights drawn on the module's device (same law as ldm.random_model)."""
-    p0 = next(module.parameters())
-    gen = torch.Generator(device=p0.device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(math.prod(p.shape[1:])), generator=gen)
-            elif name.endswith("weight"):
-                p.normal_(1.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, 0.05, generator=gen)
-    return module
-
-
 def tiny_config() -> ModelConfig:
     from tests.checkpoints import TINY_SD1
 
@@ -157,8 +143,11 @@ def build_pipeline(
         modules["unet"] = UNetModel(cfg.unet)
         modules["first_stage"] = build_first_stage(cfg.first_stage)
         modules["cond_stage"] = build_cond_stage_model(cfg.cond_stage)
-    for seed, m in enumerate(modules.values()):
-        randomize_(m, seed)
+    for seed, (part, m) in enumerate(modules.items()):
+        if part == "unet":  # numbers drawn on the device: an SD-size UNet fills in a moment
+            randomize_unet_weights_(m, seed, device=device)
+        else:
+            randomize_weights_(m, torch.Generator(device=device).manual_seed(seed))
         m.to(dtype=dtype).eval().requires_grad_(False)
     tokenizer = load_tokenizer_for(cfg, write_clip_tokenizer(tmp / "tokenizer"))
     model = LoadedModel(

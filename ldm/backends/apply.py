@@ -4,7 +4,7 @@
 worker will serve (so compilation and graph capture happen before it reports
 ready), and swaps them into the pipeline:
 
-* ``pipeline.model`` becomes a copy of the :class:`~ldm.loader.LoadedModel` whose
+* ``pipeline.model`` becomes a copy of the :class:`~ldm.loading.loader.LoadedModel` whose
   ``unet`` is the :class:`~ldm.backends.base.CompiledUNet` and whose
   ``first_stage`` is a shallow copy of the original with the compiled ``decode``
   in its instance dictionary. The copy shares every submodule, so ``encode``
@@ -39,7 +39,7 @@ from ldm.backends.compile import DEFAULT_BUCKETS, compile_decoder, compile_unet,
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ldm.loader import LoadedModel
+    from ldm.loading.loader import LoadedModel
     from ldm.pipeline import LatentDiffusionPipeline
 
 __all__ = ["BackendReport", "apply_backend"]

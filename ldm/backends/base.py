@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.errors import ConfigError, InternalError
 
 __all__ = [
     "BACKENDS",
@@ -233,10 +233,10 @@ class CompiledUNet(nn.Module):
         extra = []
         for name in self.input_names[2:]:
             if given[name] is None:
-                raise InvalidInput(name, f"this UNet needs {name!r}")
+                raise InternalError(name, f"this UNet needs {name!r}")
             extra.append(given[name])
         if x.dim() != 4:
-            raise InvalidInput("x", f"expected [B, C, H, W], got {tuple(x.shape)}")
+            raise InternalError("x", f"expected [B, C, H, W], got {tuple(x.shape)}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._run(x, timesteps, *extra)  # [B, C_out, H, W]

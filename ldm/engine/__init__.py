@@ -1,11 +1,11 @@
 """Step-level (continuous) batching: rows join and leave a running DDIM batch between steps.
 
-* :mod:`ldm.engine.ddim`: one DDIM iteration over independent rows, shared with
-  :func:`ldm.sampling.sample_ddim` (so both give bit-identical rows).
-* :mod:`ldm.engine.scheduler`: the admission / fairness policy, a torch-free state machine.
-* :mod:`ldm.engine.engine`: the running batch of rows (tensors) driven by that policy.
+* :mod:`ldm.engine.admission`: the admission / fairness policy, a torch-free state machine.
+* :mod:`ldm.engine.engine`: the running batch of rows (tensors) driven by that policy; each
+  step runs :func:`ldm.sampling.ddim.ddim_iteration`, the iteration
+  :func:`ldm.sampling.sample_ddim` also runs (so both give bit-identical rows).
 
-Submodules are imported lazily, so ``import ldm.engine.scheduler`` never loads torch.
+Submodules are imported lazily, so ``import ldm.engine.admission`` never loads torch.
 """
 
 from __future__ import annotations
@@ -13,18 +13,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ldm.engine.admission import AdmissionConfig, AdmissionPolicy
     from ldm.engine.engine import ContinuousBatchEngine, EngineStep
-    from ldm.engine.rows import PreparedRow
-    from ldm.engine.scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["ContinuousBatchEngine", "EngineStep", "PreparedRow", "Scheduler", "SchedulerConfig"]
+__all__ = ["AdmissionConfig", "AdmissionPolicy", "ContinuousBatchEngine", "EngineStep"]
 
 _HOME = {
+    "AdmissionConfig": "ldm.engine.admission",
+    "AdmissionPolicy": "ldm.engine.admission",
     "ContinuousBatchEngine": "ldm.engine.engine",
     "EngineStep": "ldm.engine.engine",
-    "PreparedRow": "ldm.engine.rows",
-    "Scheduler": "ldm.engine.scheduler",
-    "SchedulerConfig": "ldm.engine.scheduler",
 }
 
 

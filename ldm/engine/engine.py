@@ -1,16 +1,16 @@
 """The continuous-batching engine: a running batch of rows that advances one DDIM step per call.
 
 Every row carries its own latent, conditioning, timestep schedule and step index,
-guidance scale, eta and generator (:class:`ldm.engine.rows.PreparedRow`), so rows
+guidance scale, eta and generator (:class:`ldm.sampling.rows.PreparedRow`), so rows
 at different steps of different schedules share one UNet forward. Each
 :meth:`ContinuousBatchEngine.step`:
 
-1. asks the :class:`~ldm.engine.scheduler.Scheduler` which waiting groups join (a
+1. asks the :class:`~ldm.engine.admission.AdmissionPolicy` which waiting groups join (a
    group is one job: rows that join together) and prepares their rows
    (``x_T`` from the row's generator, text conditioning, inpainting inputs);
 2. runs **one** guided UNet forward over every running row (uncond and cond rows
    together, padded to a bucket when configured) and applies each row's own DDIM
-   update (:func:`ldm.engine.ddim.ddim_iteration`, the same code as
+   update (:func:`ldm.sampling.ddim.ddim_iteration`, the same code as
    :func:`ldm.sampling.sample_ddim`);
 3. decodes the rows that took their last step (batched, or one row at a time
    when the model is batch-invariant) and returns their images;
@@ -38,9 +38,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ldm.engine.ddim import BlendRows, DenoiseFn, ddim_iteration, gather_coefficients
-from ldm.engine.rows import PreparedRow
-from ldm.engine.scheduler import Admission, Plan, Scheduler, SchedulerConfig
+from ldm.engine.admission import Admission, AdmissionConfig, AdmissionPolicy, Plan
+from ldm.sampling.ddim import BlendRows, DenoiseFn, ddim_iteration, gather_coefficients
+from ldm.sampling.rows import PreparedRow
 
 __all__ = [
     "ContinuousBatchEngine",
@@ -102,7 +102,7 @@ class EngineStep:
     """What one :meth:`ContinuousBatchEngine.step` did.
 
     Attributes:
-        plan: the scheduler's plan for this step (``None`` when nothing was scheduled).
+        plan: the admission policy's plan for this step (``None`` when nothing was scheduled).
         admitted: groups that joined at this step, with their waits.
         progress: per running group, its progress after this step.
         images: rows decoded in this step.
@@ -151,17 +151,17 @@ class ContinuousBatchEngine:
 
     Args:
         model: the model (see :class:`EngineModel`), e.g. a ``LatentDiffusionPipeline``.
-        config: the scheduler's budgets and knobs. Buckets are ignored (with a warning)
+        config: the admission policy's budgets and knobs. Buckets are ignored (with a warning)
             for a batch-invariant model, whose UNet runs one row per call anyway.
         unet_row_bytes: ``(width, height) -> bytes`` one UNet row needs, for the memory
             budget (see :func:`estimate_unet_row_bytes`); ``None`` counts 0 bytes.
-        clock: monotonic seconds, passed to the scheduler and used for timings.
+        clock: monotonic seconds, passed to the admission policy and used for timings.
     """
 
     def __init__(
         self,
         model: EngineModel,
-        config: SchedulerConfig,
+        config: AdmissionConfig,
         *,
         unet_row_bytes: Callable[[int, int], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -171,7 +171,7 @@ class ContinuousBatchEngine:
                         config.buckets)
             config = replace(config, buckets=())
         self.model = model
-        self.scheduler = Scheduler(config, clock=clock)
+        self.admission = AdmissionPolicy(config, clock=clock)
         self.unet_row_bytes = unet_row_bytes
         self.clock = clock
         self._groups: dict[str, _Group] = {}
@@ -189,11 +189,11 @@ class ContinuousBatchEngine:
 
     @property
     def running_rows(self) -> int:
-        return self.scheduler.running_rows
+        return self.admission.running_rows
 
     def room(self) -> int:
         """Rows new groups could add now (row budget minus running and waiting rows)."""
-        return self.scheduler.room()
+        return self.admission.room()
 
     def accepts(self, width: int, height: int) -> bool:
         """Whether groups of this size can join (the engine runs one latent size at a time)."""
@@ -218,7 +218,7 @@ class ContinuousBatchEngine:
             self.model.validate_row(row, width, height)
         unet_rows = sum(2 if self.model.effective_guidance(r) != 1.0 else 1 for r in rows)
         per_row = self.unet_row_bytes(width, height) if self.unet_row_bytes is not None else 0
-        self.scheduler.submit(group, len(rows), unet_rows, unet_rows * per_row)
+        self.admission.submit(group, len(rows), unet_rows, unet_rows * per_row)
         self._groups[group] = _Group(group, list(rows))
         self.size = (width, height)
 
@@ -226,7 +226,7 @@ class ContinuousBatchEngine:
         """Drop a group, waiting or running, at once; False if it is not in the engine."""
         if self._groups.pop(group, None) is None:
             return False
-        self.scheduler.cancel(group)
+        self.admission.cancel(group)
         self._release_size()
         return True
 
@@ -243,7 +243,7 @@ class ContinuousBatchEngine:
 
     def _drop(self, group: str) -> None:
         self._groups.pop(group, None)
-        self.scheduler.cancel(group)
+        self.admission.cancel(group)
         self._release_size()
 
     # ------------------------------------------------------------------ one step
@@ -252,7 +252,7 @@ class ContinuousBatchEngine:
         """Admit, denoise every running row by one step, decode finished rows (see the module docstring)."""
         if not self._groups:
             return EngineStep()
-        plan = self.scheduler.schedule()
+        plan = self.admission.schedule()
         failed: list[tuple[str, BaseException]] = []
 
         t0 = self.clock()
@@ -406,7 +406,7 @@ class ContinuousBatchEngine:
             if g.rows and all(r.delivered for r in g.rows):
                 finished.append(g.id)
                 self._groups.pop(g.id)
-                self.scheduler.finish(g.id)
+                self.admission.finish(g.id)
         self._release_size()
         return images, finished, failed
 

@@ -35,7 +35,7 @@ from ldm.attention import SpatialTransformer
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ModelConfig
 from ldm.encoders import build_cond_stage_model
-from ldm.schedule import alphas_cumprod, make_beta_schedule
+from ldm.noise_schedule import alphas_cumprod, make_beta_schedule
 from ldm.tokenizers import TextTokenizer
 from ldm.training.data import mixed_scene_batch, scene_batch, step_generator
 from ldm.training.ema import ExponentialMovingAverage

@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.config import ModelConfig
-from ldm.config_yaml import model_config_to_yaml
 from ldm.data.shapes import write_vocab
-from ldm.schedule import alphas_cumprod, make_beta_schedule
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.noise_schedule import alphas_cumprod, make_beta_schedule
 
 __all__ = ["ExportedModel", "export_model", "model_card"]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ldm.config import AutoencoderConfig, BERTEmbedderConfig, ModelConfig, UNetConfig
 from ldm.data.shapes import IMAGE_SIZE, vocab_tokens
+from ldm.tiny import TINY_UNET
 from ldm.training.autoencoder import AutoencoderTrainConfig, DecoderFinetuneConfig
 from ldm.training.diffusion import DiffusionTrainConfig
 
@@ -99,19 +100,7 @@ BUNDLED = Preset(
 
 SMOKE = Preset(
     model=_model(
-        UNetConfig(
-            in_channels=4,
-            out_channels=4,
-            model_channels=32,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attention_resolutions=(1, 2),
-            num_heads=2,
-            legacy=False,
-            use_spatial_transformer=True,
-            transformer_depth=1,
-            context_dim=32,
-        ),
+        TINY_UNET,
         _AE_F4,
         BERTEmbedderConfig(n_embed=32, n_layer=1, vocab_size=_VOCAB_SIZE, heads=2, dim_head=16),
     ),

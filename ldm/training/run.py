@@ -32,9 +32,9 @@ from typing import Protocol
 import torch
 
 from ldm.autoencoder import AutoencoderKL
-from ldm.checkpoint import read_state_dict
 from ldm.data.judge import DEFAULT_WEIGHTS, accuracy_report, judge_scenes
 from ldm.data.shapes import parse_caption, write_vocab
+from ldm.loading.checkpoint import read_state_dict
 from ldm.tokenizers import BertTokenizer
 from ldm.training.autoencoder import AutoencoderTrainer, DecoderFinetuner, psnr, reconstruct
 from ldm.training.data import scene_batch

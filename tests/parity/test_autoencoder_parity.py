@@ -16,7 +16,7 @@ import torch
 
 from ldm.autoencoder import AutoencoderKL, VQModel, build_first_stage
 from ldm.config import AutoencoderConfig
-from tests.randomize import randomize_
+from ldm.tiny import randomize_weights_
 from tests.tiny import AE_KL_F8, AE_VQ_F4, AE_VQ_F4_NOATTN
 
 diffusers = pytest.importorskip("diffusers")
@@ -63,7 +63,7 @@ def original_config(config: AutoencoderConfig) -> dict:
 def kl_pair() -> tuple[AutoencoderKL, torch.nn.Module]:
     ours = build_first_stage(AE_KL_F8)
     assert isinstance(ours, AutoencoderKL)
-    randomize_(ours, seed=1).eval()
+    randomize_weights_(ours, seed=1).eval()
     # as stored in an LDM checkpoint, under the first_stage_model. prefix
     checkpoint = {f"first_stage_model.{k}": v.clone() for k, v in ours.state_dict().items()}
     cfg = single_file_utils.create_vae_diffusers_config_from_ldm(original_config(AE_KL_F8), checkpoint)
@@ -150,7 +150,7 @@ def diffusers_vq(config: AutoencoderConfig) -> torch.nn.Module:
 def test_vq_matches_diffusers(config: AutoencoderConfig) -> None:
     ours = build_first_stage(config)
     assert isinstance(ours, VQModel)
-    randomize_(ours, seed=3).eval()
+    randomize_weights_(ours, seed=3).eval()
     ref = diffusers_vq(config)
     ref.load_state_dict(original_to_diffusers_vq(ours.state_dict(), len(config.ch_mult)), strict=True)
     ref.eval()

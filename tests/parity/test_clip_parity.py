@@ -15,8 +15,8 @@ import regex
 import torch
 
 from ldm.encoders import CLIPTextEncoder, clip_to_openclip_state_dict, openclip_to_clip_state_dict
+from ldm.tiny import randomize_weights_
 from ldm.tokenizers import BertTokenizer, CLIPTokenizer
-from tests.randomize import randomize_
 from tests.tiny import CLIP_TINY
 from tests.tokenizer_files import (
     bpe_merge,
@@ -71,7 +71,7 @@ def _ids(batch: int, vocab: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("layer", ["last", "penultimate"])
 def test_clip_text_encoder_matches_transformers(act: str, layer: str) -> None:
     cfg = replace(CLIP_TINY, hidden_act=act, layer=layer)
-    ours = randomize_(CLIPTextEncoder(cfg), seed=4).eval()
+    ours = randomize_weights_(CLIPTextEncoder(cfg), seed=4).eval()
     hf = _hf_text_model(ours)
     ids = _ids(3, cfg.vocab_size, seed=1)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_clip_text_encoder_matches_transformers(act: str, layer: str) -> None:
 
 def test_openclip_round_trip_gives_identical_outputs() -> None:
     cfg = replace(CLIP_TINY, hidden_act="gelu", layer="penultimate")
-    src = randomize_(CLIPTextEncoder(cfg), seed=5).eval()
+    src = randomize_weights_(CLIPTextEncoder(cfg), seed=5).eval()
     openclip = clip_to_openclip_state_dict(src.state_dict(), cfg.num_hidden_layers)
     w = cfg.hidden_size
     assert openclip["transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * w, w)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ldm.denoiser import GuidedDenoiser
+from ldm.noise_schedule import alphas_cumprod, ddim_step_count, ddim_timesteps, make_beta_schedule
 from ldm.sampling import sample_ddim
-from ldm.schedule import alphas_cumprod, ddim_step_count, ddim_timesteps, make_beta_schedule
 
 diffusers = pytest.importorskip("diffusers")
 

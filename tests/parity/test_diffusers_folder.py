@@ -2,7 +2,7 @@
 
 The reference models are random tiny ``diffusers.UNet2DConditionModel`` /
 ``AutoencoderKL`` and ``transformers.CLIPTextModel`` instances saved as a
-Stable Diffusion pipeline folder; ``ldm.loader.load_model`` converts them to the
+Stable Diffusion pipeline folder; ``ldm.loading.loader.load_model`` converts them to the
 original layout, and the two implementations must agree to float32 rounding.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.loader import load_model
-from tests.randomize import randomize_
+from ldm.loading.loader import load_model
+from ldm.tiny import randomize_weights_
 from tests.tokenizer_files import write_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -83,7 +83,7 @@ def _save_folder(tmp_path: Path, variant: dict) -> tuple[Path, dict]:
         )
     )
     for seed, module in enumerate((unet, vae, text)):
-        randomize_(module, seed=seed)
+        randomize_weights_(module, seed=seed)
     vocab_dir = write_clip_tokenizer(tmp_path / "vocab")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(vocab_dir, pad_token=variant["pad_token"])
     scheduler = diffusers.DDIMScheduler(

@@ -9,39 +9,19 @@ implementation.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 
 from ldm.config import UNetConfig
+from ldm.tiny import randomize_unet_weights_
 from ldm.unet import UNetModel
 from tests import tiny
-from tests.randomize import randomize_
 
 pytestmark = pytest.mark.parity
 
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 diffusers = pytest.importorskip("diffusers")
-
-
-def randomize_unet(model: UNetModel, seed: int) -> UNetModel:
-    """``randomize_`` plus fan-in scaled weights on the time-embedding path.
-
-    ``randomize_`` gives every 2-D tensor named "*emb*" the std 0.5 of an embedding
-    table, which also hits the Linear layers ``time_embed.*`` and ``emb_layers.1``.
-    With 32-channel levels GroupNorm32 has one channel per group, so the
-    per-channel embedding added before ``out_layers.0`` cancels exactly and its
-    oversized magnitude only shows up as amplified fp32 round-off (~5e-4 relative
-    at the output, in float64 both models agree to 1e-12).
-    """
-    randomize_(model, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and (name.startswith("time_embed.") or ".emb_layers." in name):
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-    return model.eval()
 
 
 def original_config(cfg: UNetConfig) -> dict:
@@ -108,7 +88,7 @@ CASES = {
 @torch.no_grad()
 def test_matches_diffusers_unet(case: str) -> None:
     cfg, overrides = CASES[case]
-    ours = randomize_unet(UNetModel(cfg), seed=1)
+    ours = randomize_unet_weights_(UNetModel(cfg), seed=1)
     ref = to_diffusers(ours, cfg, **overrides)
 
     gen = torch.Generator().manual_seed(2)

@@ -9,8 +9,8 @@ import torch
 
 from ldm.autoencoder import AutoencoderKL, DiagonalGaussianDistribution, VQModel, build_first_stage
 from ldm.config import AutoencoderConfig
+from ldm.tiny import randomize_weights_
 from ldm_serve.errors import ConfigError
-from tests.randomize import randomize_
 from tests.tiny import AE_KL_F8, AE_VQ_F4, AE_VQ_F4_NOATTN
 
 # torch's own GroupNorm input check warns while tracing; it does not affect the graph.
@@ -121,7 +121,7 @@ def test_noattn_has_no_mid_attention() -> None:
 
 
 def _seeded(cfg: AutoencoderConfig, seed: int = 0) -> AutoencoderKL | VQModel:
-    return randomize_(build_first_stage(cfg), seed=seed).eval()
+    return randomize_weights_(build_first_stage(cfg), seed=seed).eval()
 
 
 def _image(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

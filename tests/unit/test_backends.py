@@ -24,10 +24,10 @@ from ldm.backends.base import CompiledUNet, UNetCall
 from ldm.backends.cudagraphs import BucketedRunner, PaddingRunner
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
+from ldm.tiny import randomize_weights_
 from ldm.unet import UNetModel
 from ldm_serve.errors import ConfigError
 from tests import tiny
-from tests.randomize import randomize_
 
 UNETS = {
     "sd1": tiny.UNET_SD1,
@@ -39,7 +39,7 @@ FP32 = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def make_unet(cfg=tiny.UNET_SD1, seed: int = 0) -> UNetModel:
-    return randomize_(UNetModel(cfg), seed=seed).eval().requires_grad_(False)
+    return randomize_weights_(UNetModel(cfg), seed=seed).eval().requires_grad_(False)
 
 
 def eager_out(unet: UNetModel, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -86,7 +86,7 @@ def test_torchscript_trace_is_not_tied_to_the_example_size() -> None:
 
 @pytest.mark.parametrize("cfg", [tiny.AE_KL_F8, tiny.AE_VQ_F4], ids=["kl", "vq"])
 def test_torchscript_decoder_matches_eager(cfg) -> None:
-    fs = randomize_(build_first_stage(cfg), seed=1).eval().requires_grad_(False)
+    fs = randomize_weights_(build_first_stage(cfg), seed=1).eval().requires_grad_(False)
     compiled = compile_decoder(fs, "torchscript", latent_shape=(1, cfg.embed_dim, 8, 8))
     for shape in ((1, cfg.embed_dim, 8, 8), (2, cfg.embed_dim, 8, 16)):
         z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
@@ -286,7 +286,7 @@ def test_onnx_unet_and_decoder_match_eager_with_dynamic_batch(exporter: str, tmp
         inputs = example_unet_inputs(unet, UNetShapes(batch, 8, 8, 7), torch.device("cpu"), torch.float32)
         assert rel_err(run_onnx(path, inputs), eager_out(unet, inputs)) <= 1e-4
 
-    fs = randomize_(build_first_stage(tiny.AE_KL_F8), seed=1).eval().requires_grad_(False)
+    fs = randomize_weights_(build_first_stage(tiny.AE_KL_F8), seed=1).eval().requires_grad_(False)
     path = export_decoder_onnx(fs, tmp_path / "decoder.onnx", exporter=exporter)
     for batch in (1, 3):
         z = torch.randn((batch, 4, 8, 8), generator=torch.Generator().manual_seed(batch))

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from ldm.config_yaml import model_config_from_yaml
 from ldm.data.shapes import BACKGROUND_RGB, COLOUR_RGB
+from ldm.loading.config_yaml import model_config_from_yaml
 from ldm.pipeline import LatentDiffusionPipeline, load_pipeline
 from ldm_serve.models import BUNDLED_DIR, bundled_model_path
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import (
+from ldm.loading.checkpoint import (
     DEFAULT_IGNORED_KEYS,
     ema_key,
     load_component_strict,
@@ -20,8 +20,9 @@ from ldm.checkpoint import (
     redot_unet_key,
     split_components,
 )
-from ldm.config_yaml import model_config_to_yaml
-from ldm.loader import load_model, model_alphas_cumprod
+from ldm.loading.config_yaml import model_config_to_yaml
+from ldm.loading.loader import load_model, model_alphas_cumprod
+from ldm.tiny import randomize_weights_
 from ldm.unet import UNetModel
 from ldm_serve.errors import CheckpointError, ConfigError, TokenizerFilesMissing
 from tests.checkpoints import (
@@ -34,7 +35,6 @@ from tests.checkpoints import (
     original_state_dict,
     write_original_checkpoint,
 )
-from tests.randomize import randomize_
 from tests.tokenizer_files import write_clip_tokenizer
 
 UNET = "model.diffusion_model."
@@ -210,7 +210,7 @@ def test_split_components_reports_foreign_keys() -> None:
 def unet_and_weights() -> tuple[UNetModel, dict[str, torch.Tensor]]:
     module = UNetModel(TINY_LDM_CLASS.unet)
     weights = {
-        k: v.clone() for k, v in randomize_(UNetModel(TINY_LDM_CLASS.unet), seed=3).state_dict().items()
+        k: v.clone() for k, v in randomize_weights_(UNetModel(TINY_LDM_CLASS.unet), seed=3).state_dict().items()
     }
     return module, weights
 

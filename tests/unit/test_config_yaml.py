@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from ldm.config import BERTEmbedderConfig, ClassEmbedderConfig, CLIPTextConfig
-from ldm.config_yaml import model_config_from_yaml, model_config_to_yaml
+from ldm.loading.config_yaml import model_config_from_yaml, model_config_to_yaml
 from ldm.unet import attention_geometry, validate_unet_config
 from ldm_serve.errors import ConfigError
 from tests.checkpoints import ALL_TINY

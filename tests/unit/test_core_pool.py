@@ -1,4 +1,4 @@
-"""Core-sharded CPU execution (``ldm.engine.core_pool``): splits, invariance, parity, errors."""
+"""Core-sharded CPU execution (``ldm.execution.core_pool``): splits, invariance, parity, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.engine.core_pool import CorePool, ShardedUNet, default_core_workers, shared_core_pool
+from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, shared_core_pool
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
 from ldm_serve.errors import ConfigError

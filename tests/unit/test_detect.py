@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import read_state_dict
-from ldm.detect import infer_model_config
+from ldm.loading.checkpoint import read_state_dict
+from ldm.loading.detect import infer_model_config
 from ldm_serve.errors import ConfigError
 from tests.checkpoints import (
     ALL_TINY,
     TINY_LDM_CLASS,
     TINY_LDM_INPAINT,
+    TINY_SD1,
+    TINY_SD1_INPAINT,
     TINY_SD2,
     original_state_dict,
     write_original_checkpoint,
@@ -99,3 +101,12 @@ def test_foreign_text_encoder_is_unknown() -> None:
     sd = {k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}
     sd["cond_stage_model.embedders.0.transformer.weight"] = torch.zeros(4, 4)  # SDXL-like conditioner
     _assert_unknown(sd)
+
+
+@pytest.mark.parametrize("config", [TINY_SD1, TINY_SD1_INPAINT, TINY_SD2], ids=lambda c: c.family)
+def test_cross_attending_unet_without_encoder_is_refused(config) -> None:  # noqa: ANN001
+    """A text encoder pruned from the file: never LDM inpainting (for 9 channels), always the remedy."""
+    sd = {k: v for k, v in original_state_dict(config).items() if not k.startswith("cond_stage_model.")}
+    with pytest.raises(ConfigError, match="cross-attends") as info:
+        infer_model_config(sd)
+    assert "text_encoder=PATH" in str(info.value)

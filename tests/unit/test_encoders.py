@@ -16,8 +16,8 @@ from ldm.encoders import (
     build_cond_stage_model,
     openclip_to_clip_state_dict,
 )
+from ldm.tiny import randomize_weights_
 from ldm_serve.errors import CheckpointError
-from tests.randomize import randomize_
 from tests.tiny import BERT_TINY, CLASS_TINY, CLIP_TINY
 
 
@@ -27,12 +27,12 @@ def _ids(batch: int, vocab: int, seed: int = 0, length: int = 77) -> torch.Tenso
 
 @pytest.fixture(scope="module")
 def clip() -> CLIPTextEncoder:
-    return randomize_(CLIPTextEncoder(CLIP_TINY), seed=1).eval()
+    return randomize_weights_(CLIPTextEncoder(CLIP_TINY), seed=1).eval()
 
 
 @pytest.fixture(scope="module")
 def bert() -> BERTEmbedder:
-    return randomize_(BERTEmbedder(BERT_TINY), seed=2).eval()
+    return randomize_weights_(BERTEmbedder(BERT_TINY), seed=2).eval()
 
 
 # ---------------------------------------------------------------- key layouts
@@ -102,7 +102,7 @@ def test_bert_forward_shape(bert: BERTEmbedder) -> None:
 
 
 def test_class_embedder_shape_and_rows() -> None:
-    emb = randomize_(ClassEmbedder(CLASS_TINY))
+    emb = randomize_weights_(ClassEmbedder(CLASS_TINY))
     assert set(emb.state_dict()) == {"embedding.weight"}
     ids = torch.tensor([3, 0, 10])
     out = emb(ids)
@@ -172,7 +172,7 @@ def test_clip_is_causal(clip: CLIPTextEncoder) -> None:
 
 def test_penultimate_skips_last_layer_and_applies_final_norm() -> None:
     cfg = CLIPTextConfig(**{**CLIP_TINY.__dict__, "layer": "penultimate"})
-    enc = randomize_(CLIPTextEncoder(cfg), seed=3).eval()
+    enc = randomize_weights_(CLIPTextEncoder(cfg), seed=3).eval()
     ids = _ids(2, cfg.vocab_size, seed=8)
     with torch.no_grad():
         before = enc(ids)

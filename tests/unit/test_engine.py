@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from ldm.denoiser import GuidedDenoiser
-from ldm.engine.ddim import row_coefficients
+from ldm.engine.admission import AdmissionConfig
 from ldm.engine.engine import ContinuousBatchEngine, EngineStep
-from ldm.engine.padding import PaddedUNet
-from ldm.engine.rows import PreparedRow
-from ldm.engine.scheduler import SchedulerConfig
+from ldm.execution.padding import PaddedUNet
+from ldm.noise_schedule import ddim_timesteps
 from ldm.sampling import MaskBlend, sample_ddim
-from ldm.schedule import ddim_timesteps
+from ldm.sampling.ddim import row_coefficients
+from ldm.sampling.rows import PreparedRow
 from ldm_serve.errors import InvalidInput
 from tests.unit.test_sampling import ABAR, C, H, RowwiseUNet, W, _row_inputs
 
@@ -137,7 +137,7 @@ def run(engine: ContinuousBatchEngine, arrivals: dict[int, list[tuple[str, list[
 
 def test_rows_joining_and_leaving_midway_match_running_alone() -> None:
     model = FakeModel()
-    engine = ContinuousBatchEngine(model, SchedulerConfig(max_rows=8))
+    engine = ContinuousBatchEngine(model, AdmissionConfig(max_rows=8))
     a = [Req(1, steps=10, scale=7.5), Req(2, steps=10, scale=7.5, eta=0.3)]
     b = [Req(3, steps=20, scale=1.0, eta=0.7)]
     c = [Req(4, steps=5, scale=3.0, blend=True, eta=1.0)]
@@ -156,7 +156,7 @@ def test_rows_joining_and_leaving_midway_match_running_alone() -> None:
 
 def test_concat_conditioning_rows_share_a_batch() -> None:
     model = FakeModel(concat=True)
-    engine = ContinuousBatchEngine(model, SchedulerConfig(max_rows=4))
+    engine = ContinuousBatchEngine(model, AdmissionConfig(max_rows=4))
     rows = {"x": [Req(11, steps=6, scale=4.0)], "y": [Req(12, steps=8, scale=1.0, eta=0.2)]}
     images, _ = run(engine, {0: [("x", rows["x"])], 2: [("y", rows["y"])]})
     for g, rs in rows.items():
@@ -164,7 +164,7 @@ def test_concat_conditioning_rows_share_a_batch() -> None:
 
 
 def test_progress_finish_and_images_are_reported_per_group() -> None:
-    engine = ContinuousBatchEngine(FakeModel(), SchedulerConfig(max_rows=4))
+    engine = ContinuousBatchEngine(FakeModel(), AdmissionConfig(max_rows=4))
     engine.add("short", [Req(1, steps=2), Req(2, steps=2)], SIZE, SIZE)
     engine.add("long", [Req(3, steps=4)], SIZE, SIZE)
     first = engine.step()
@@ -178,7 +178,7 @@ def test_progress_finish_and_images_are_reported_per_group() -> None:
 
 
 def test_new_group_starts_at_the_next_step_when_there_is_room() -> None:
-    engine = ContinuousBatchEngine(FakeModel(), SchedulerConfig(max_rows=2))
+    engine = ContinuousBatchEngine(FakeModel(), AdmissionConfig(max_rows=2))
     engine.add("first", [Req(1, steps=6)], SIZE, SIZE)
     engine.step()
     engine.add("second", [Req(2, steps=2)], SIZE, SIZE)
@@ -192,7 +192,7 @@ def test_new_group_starts_at_the_next_step_when_there_is_room() -> None:
 
 def test_cancel_drops_a_groups_rows_at_once() -> None:
     model = FakeModel()
-    engine = ContinuousBatchEngine(model, SchedulerConfig(max_rows=4))
+    engine = ContinuousBatchEngine(model, AdmissionConfig(max_rows=4))
     keep, victim = [Req(1, steps=8, eta=0.5)], [Req(2, steps=8), Req(3, steps=8)]
     images, reports = run(engine, {0: [("keep", keep), ("victim", victim)]}, cancels={3: ["victim"]})
     assert set(images) == {("keep", 0)}
@@ -202,7 +202,7 @@ def test_cancel_drops_a_groups_rows_at_once() -> None:
 
 
 def test_invalid_rows_and_other_sizes_are_refused_at_add() -> None:
-    engine = ContinuousBatchEngine(FakeModel(), SchedulerConfig(max_rows=2))
+    engine = ContinuousBatchEngine(FakeModel(), AdmissionConfig(max_rows=2))
     with pytest.raises(InvalidInput):
         engine.add("bad", [Req(1), Req(2, bad=True)], SIZE, SIZE)
     assert engine.idle and engine.size is None
@@ -216,7 +216,7 @@ def test_invalid_rows_and_other_sizes_are_refused_at_add() -> None:
 
 def test_a_failing_group_fails_alone_and_the_others_are_unchanged() -> None:
     model = FakeModel()
-    engine = ContinuousBatchEngine(model, SchedulerConfig(max_rows=4))
+    engine = ContinuousBatchEngine(model, AdmissionConfig(max_rows=4))
     good = [Req(1, steps=6, scale=5.0, eta=0.8, blend=True)]  # draws noise every step
     images, reports = run(engine, {0: [("good", good)], 2: [("boom", [Req(2, explode=True)])]})
     failed = [f for r in reports for f in r.failed]
@@ -225,7 +225,7 @@ def test_a_failing_group_fails_alone_and_the_others_are_unchanged() -> None:
 
 
 def test_a_group_that_cannot_be_prepared_fails_alone() -> None:
-    engine = ContinuousBatchEngine(FakeModel(fail_prepare=2), SchedulerConfig(max_rows=4))
+    engine = ContinuousBatchEngine(FakeModel(fail_prepare=2), AdmissionConfig(max_rows=4))
     ok = [Req(1, steps=4)]
     images, reports = run(engine, {0: [("ok", ok), ("broken", [Req(2)])]})
     assert [g for r in reports for g, _ in r.failed] == ["broken"]
@@ -235,7 +235,7 @@ def test_a_group_that_cannot_be_prepared_fails_alone() -> None:
 
 def test_bucket_padding_pads_the_unet_batch_and_keeps_results() -> None:
     model = FakeModel(batch_invariant=False)
-    engine = ContinuousBatchEngine(model, SchedulerConfig(max_rows=8, buckets=(1, 2, 4, 8)))
+    engine = ContinuousBatchEngine(model, AdmissionConfig(max_rows=8, buckets=(1, 2, 4, 8)))
     rows = {"g": [Req(1, steps=4, scale=3.0)], "h": [Req(2, steps=4), Req(3, steps=4)]}
     images, reports = run(engine, {0: [("g", rows["g"]), ("h", rows["h"])]})
     assert set(model.calls) == {4}  # 2 guided UNet rows + 2 plain ones: exactly a bucket
@@ -243,7 +243,7 @@ def test_bucket_padding_pads_the_unet_batch_and_keeps_results() -> None:
     model.calls.clear()
     images, reports = run(engine, {0: [("g", rows["g"]), ("x", [Req(4, steps=4)])]})
     assert model.calls == [4] * 4 and [r.plan.padded for r in reports] == [1] * 4  # 3 UNet rows -> bucket 4
-    assert engine.scheduler.padded_rows_total == 4
+    assert engine.admission.padded_rows_total == 4
     assert torch.equal(images[("g", 0)], alone(rows["g"][0]))
     # a batch-invariant model runs one row per call: buckets are ignored
-    assert ContinuousBatchEngine(FakeModel(), SchedulerConfig(buckets=(4,))).scheduler.config.buckets == ()
+    assert ContinuousBatchEngine(FakeModel(), AdmissionConfig(buckets=(4,))).admission.config.buckets == ()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from ldm.engine.admission import AdmissionConfig
 from ldm.engine.engine import ContinuousBatchEngine, estimate_unet_row_bytes
-from ldm.engine.scheduler import SchedulerConfig
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
 from tests.unit.test_pipeline import box_mask, scene
@@ -39,7 +39,7 @@ def test_images_equal_each_request_alone_while_rows_join_and_leave(pipe: LatentD
         "gone": [GenerationRow("canceled half-way", seed=21, steps=10, guidance_scale=4.0)],
     }
     arrivals = {0: ["target", "moon"], 1: ["gone"], 2: ["plain"], 4: ["inpaint"], 8: ["pair"]}
-    engine = ContinuousBatchEngine(pipe, SchedulerConfig(max_rows=8))
+    engine = ContinuousBatchEngine(pipe, AdmissionConfig(max_rows=8))
     images: dict[tuple[str, int], torch.Tensor] = {}
     rows_per_step = []
     for n in range(60):

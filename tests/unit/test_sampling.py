@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ldm.denoiser import GuidedDenoiser
+from ldm.noise_schedule import alphas_cumprod, ddim_timesteps, make_beta_schedule
 from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
-from ldm.schedule import alphas_cumprod, ddim_timesteps, make_beta_schedule
-from ldm_serve.errors import InvalidInput
+from ldm_serve.errors import InternalError
 
 C, H, W = 4, 8, 8
 CTX_LEN, CTX_DIM = 3, 8
@@ -327,9 +327,11 @@ def test_last_step_targets_alpha_bar_0_not_one() -> None:
 def test_invalid_sampler_inputs(kwargs: dict, field: str) -> None:
     args = {"timesteps": [ddim_timesteps(5)] * 2} | kwargs
     x_T = torch.zeros(2, C, H, W)
-    with pytest.raises(InvalidInput, match=field) as info:
+    with pytest.raises(InternalError, match=field) as info:
         sample_ddim(GuidedDenoiser(RowwiseUNet()), x_T, args.pop("timesteps"), ABAR, **args)
-    assert info.value.field == field
+    # below the door: a bug, not a request field (a 500 without "field", never a 422)
+    assert info.value.subject == field
+    assert info.value.http_status == 500 and "field" not in info.value.to_dict()
 
 
 def test_callback_cancelling_unknown_row_is_an_error() -> None:
@@ -339,15 +341,15 @@ def test_callback_cancelling_unknown_row_is_an_error() -> None:
 
 def test_invalid_guidance_inputs() -> None:
     ctx = torch.zeros(2, CTX_LEN, CTX_DIM)
-    with pytest.raises(InvalidInput, match="unconditional"):
+    with pytest.raises(InternalError, match="unconditional"):
         GuidedDenoiser(RowwiseUNet(), guidance_scale=[7.5, 1.0], context=ctx)
-    with pytest.raises(InvalidInput, match="uncond_context"):
+    with pytest.raises(InternalError, match="uncond_context"):
         GuidedDenoiser(RowwiseUNet(), guidance_scale=7.5, context=ctx, uncond_context=torch.zeros(2, 5, CTX_DIM))
-    with pytest.raises(InvalidInput, match="guidance_scale"):
+    with pytest.raises(InternalError, match="guidance_scale"):
         GuidedDenoiser(RowwiseUNet(), guidance_scale=[7.5, 1.0, 2.0], context=ctx, uncond_context=ctx)
-    with pytest.raises(InvalidInput, match="alphas_cumprod"):
+    with pytest.raises(InternalError, match="alphas_cumprod"):
         GuidedDenoiser(RowwiseUNet(), parameterization="v")
-    with pytest.raises(InvalidInput, match="c_concat"):
+    with pytest.raises(InternalError, match="c_concat"):
         GuidedDenoiser(RowwiseUNet(), context=ctx, c_concat=torch.zeros(3, 1, H, W))
 
 
@@ -376,5 +378,5 @@ def test_latent_keep_mask_per_row_and_shape_checks() -> None:
     keep = latent_keep_mask(repaint, (2, 2))
     assert torch.equal(keep[0], torch.ones(1, 2, 2))
     assert torch.equal(keep[1], torch.tensor([[[1.0, 1.0], [1.0, 0.0]]]))
-    with pytest.raises(InvalidInput, match="mask"):
+    with pytest.raises(InternalError, match="mask"):
         latent_keep_mask(torch.zeros(1, 3, 8, 8), (2, 2))

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ldm.config_yaml import model_config_from_yaml, model_config_to_yaml
 from ldm.data.shapes import parse_caption, vocab_tokens, write_vocab
+from ldm.loading.config_yaml import model_config_from_yaml, model_config_to_yaml
 from ldm.pipeline import load_pipeline
 from ldm.tokenizers import BertTokenizer
 from ldm.training.autoencoder import AutoencoderTrainer

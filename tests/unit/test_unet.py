@@ -16,31 +16,12 @@ import torch.nn.functional as F
 
 from ldm.attention import AttentionBlock, GroupNorm32, SpatialTransformer
 from ldm.config import UNetConfig
+from ldm.tiny import randomize_unet_weights_, randomize_weights_
 from ldm.unet import ResBlock, UNetModel, timestep_embedding
-from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.errors import ConfigError, InternalError
 from tests import tiny
-from tests.randomize import randomize_
 
 Shapes = dict[str, tuple[int, ...]]
-
-
-def randomize_unet(model: UNetModel, seed: int = 0) -> UNetModel:
-    """``randomize_`` plus fan-in scaled weights on the time-embedding path.
-
-    ``randomize_`` gives every 2-D tensor whose name contains "emb" the std 0.5 of
-    an embedding table, which also hits the Linear layers ``time_embed.*`` and
-    ``emb_layers.1``. In the tiny 32-channel configs GroupNorm32 has one channel
-    per group, so the per-channel embedding added before ``out_layers.0`` cancels
-    exactly and its oversized magnitude only turns into fp32 round-off
-    (~5e-4 relative at the output instead of ~1e-6).
-    """
-    randomize_(model, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and (name.startswith("time_embed.") or ".emb_layers." in name):
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-    return model.eval()
 
 
 def inputs(cfg: UNetConfig, batch: int = 2, size: tuple[int, int] = (16, 16), seed: int = 0):
@@ -287,7 +268,7 @@ def test_head_rules(overrides: dict, in_level0: int, out_level0: int, st_dim_hea
 
 def test_legacy_attention_block_splits_heads_before_qkv() -> None:
     torch.manual_seed(0)
-    block = randomize_(AttentionBlock(64, num_heads=4), seed=3).eval()
+    block = randomize_weights_(AttentionBlock(64, num_heads=4), seed=3).eval()
     x = torch.randn(2, 64, 5, 6)
     # QKVAttentionLegacy written out: [B, 3C, T] -> [B*heads, 3*ch, T] -> q, k, v.
     qkv = F.conv1d(F.group_norm(x.flatten(2), 32, block.norm.weight, block.norm.bias, 1e-5),
@@ -302,7 +283,7 @@ def test_legacy_attention_block_splits_heads_before_qkv() -> None:
 
 @pytest.mark.parametrize(("up", "down"), [(True, False), (False, True)])
 def test_resblock_updown_with_scale_shift(up: bool, down: bool) -> None:
-    block = randomize_(ResBlock(32, 16, 64, use_scale_shift_norm=True, up=up, down=down), seed=4).eval()
+    block = randomize_weights_(ResBlock(32, 16, 64, use_scale_shift_norm=True, up=up, down=down), seed=4).eval()
     x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 16)
     resample = (lambda z: F.interpolate(z, scale_factor=2, mode="nearest")) if up else (lambda z: F.avg_pool2d(z, 2))
     gn = lambda z, n: F.group_norm(z, 32, n.weight, n.bias, 1e-5)  # noqa: E731
@@ -338,7 +319,7 @@ OPTION_CONFIGS = {
 @torch.no_grad()
 def test_every_option_builds_and_runs(name: str) -> None:
     cfg = OPTION_CONFIGS[name]
-    model = randomize_unet(UNetModel(cfg))
+    model = randomize_unet_weights_(UNetModel(cfg))
     f = 2 ** (len(cfg.channel_mult) - 1)
     x, t, ctx, y = inputs(cfg, batch=2, size=(4 * f, 3 * f))
     out = model(x, t, ctx, y=y)
@@ -351,7 +332,7 @@ def test_every_option_builds_and_runs(name: str) -> None:
 
 @torch.no_grad()
 def test_timestep_and_context_reach_each_row() -> None:
-    model = randomize_unet(UNetModel(tiny.UNET_SD1))
+    model = randomize_unet_weights_(UNetModel(tiny.UNET_SD1))
     x, t, ctx, _ = inputs(tiny.UNET_SD1, batch=2)
     out = model(x, t, ctx)
     out_t = model(x, torch.stack([t[0], t[1] + 1]), ctx)
@@ -379,7 +360,7 @@ def test_timestep_embedding_formula() -> None:
 @torch.no_grad()
 def test_rows_are_independent(name: str) -> None:
     cfg = OPTION_CONFIGS[name]
-    model = randomize_unet(UNetModel(cfg))
+    model = randomize_unet_weights_(UNetModel(cfg))
     x, t, ctx, y = inputs(cfg, batch=3)
     out = model(x, t, ctx, y=y)
     # Same batch size, every other row replaced: row 1 must not move by a single bit.
@@ -403,7 +384,7 @@ def test_rows_are_independent(name: str) -> None:
 @torch.no_grad()
 def test_jit_trace_matches_eager() -> None:
     cfg = tiny.UNET_SD2
-    model = randomize_unet(UNetModel(cfg))
+    model = randomize_unet_weights_(UNetModel(cfg))
     x, t, ctx, _ = inputs(cfg, batch=2)
     traced = torch.jit.trace(model, (x, t, ctx), check_trace=False)
     x2, t2, ctx2, _ = inputs(cfg, batch=2, seed=5)
@@ -413,7 +394,7 @@ def test_jit_trace_matches_eager() -> None:
 @torch.no_grad()
 def test_bfloat16_forward_on_cpu() -> None:
     cfg = tiny.UNET_SD1
-    model = randomize_unet(UNetModel(cfg))
+    model = randomize_unet_weights_(UNetModel(cfg))
     x, t, ctx, _ = inputs(cfg, batch=2)
     ref = model(x, t, ctx)
     model = model.to(torch.bfloat16)
@@ -427,7 +408,7 @@ def test_bfloat16_forward_on_cpu() -> None:
 
 
 def test_groupnorm32_computes_in_float32() -> None:
-    norm = randomize_(GroupNorm32(64)).to(torch.bfloat16)
+    norm = randomize_weights_(GroupNorm32(64)).to(torch.bfloat16)
     x = (torch.randn(2, 64, 4, 4) * 50 + 300).bfloat16()  # large mean: bf16 statistics would be poor
     expected = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), 1e-5).bfloat16()
     out = norm(x)
@@ -439,7 +420,7 @@ def test_groupnorm32_computes_in_float32() -> None:
 @torch.no_grad()
 def test_torch_compile_fullgraph() -> None:
     cfg = tiny.UNET_SD1
-    model = randomize_unet(UNetModel(cfg))
+    model = randomize_unet_weights_(UNetModel(cfg))
     x, t, ctx, _ = inputs(cfg, batch=2)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # no graph breaks
     assert torch.equal(compiled(x, t, ctx), model(x, t, ctx))
@@ -471,15 +452,15 @@ def test_attention_block_heads_must_divide_channels() -> None:
 
 
 @torch.no_grad()
-def test_invalid_inputs_raise_invalid_input() -> None:
+def test_invalid_inputs_raise_internal_error() -> None:
     model = UNetModel(tiny.UNET_SD1)
     x, t, ctx, _ = inputs(tiny.UNET_SD1, batch=1)
-    with pytest.raises(InvalidInput, match="context"):
+    with pytest.raises(InternalError, match="context"):
         model(x, t)
-    with pytest.raises(InvalidInput, match="multiples of 2"):
+    with pytest.raises(InternalError, match="multiples of 2"):
         model(x[..., :15], t, ctx)
     class_model = UNetModel(dataclasses.replace(tiny.UNET_LDM_INPAINT, num_classes=3))
-    with pytest.raises(InvalidInput, match="class labels"):
+    with pytest.raises(InternalError, match="class labels"):
         class_model(torch.randn(1, 7, 8, 8), t)
 
 

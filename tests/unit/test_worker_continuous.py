@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ldm.engine.rows import PreparedRow
-from ldm.schedule import ddim_timesteps
+from ldm.noise_schedule import ddim_timesteps
+from ldm.sampling.rows import PreparedRow
 from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, Priority, new_job_id
 from ldm_serve.jobstore import JobStore
 from ldm_serve.settings import Settings

@@ -5,11 +5,15 @@
 * an original checkpoint (``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``)
   with its config given explicitly (a :class:`~ldm.config.ModelConfig`, a YAML path
   or an already-parsed YAML mapping), or found as ``<checkpoint stem>.yaml`` beside
-  the file, or else inferred from the tensor shapes (:mod:`ldm.detect`);
+  the file, or else inferred from the tensor shapes (:mod:`ldm.loading.detect`);
 * a diffusers-format folder (``model_index.json`` + ``unet/`` ``vae/`` ...),
-  converted to the original layout by :mod:`ldm.diffusers_format`.
+  converted to the original layout by :mod:`ldm.loading.diffusers_format`.
 
-Every component is loaded strictly (:func:`ldm.checkpoint.load_component_strict`):
+A checkpoint whose text encoder was pruned takes it from elsewhere with
+``text_encoder=`` (a diffusers ``text_encoder/`` folder or a file, see
+:mod:`ldm.loading.text_encoder`).
+
+Every component is loaded strictly (:func:`ldm.loading.checkpoint.load_component_strict`):
 a checkpoint that does not fit the configured architecture raises
 :class:`~ldm_serve.errors.CheckpointError` listing the offending tensors.
 """
@@ -26,20 +30,21 @@ import torch
 from torch import nn
 
 from ldm.autoencoder import build_first_stage
-from ldm.checkpoint import (
+from ldm.config import BERTEmbedderConfig, CLIPTextConfig, CondStageConfig, ModelConfig
+from ldm.encoders import build_cond_stage_model, openclip_to_clip_state_dict
+from ldm.loading.checkpoint import (
     DEFAULT_IGNORED_KEYS,
     CheckpointComponents,
     load_component_strict,
     read_state_dict,
     split_components,
 )
-from ldm.config import BERTEmbedderConfig, CLIPTextConfig, CondStageConfig, ModelConfig
-from ldm.config_yaml import model_config_from_yaml
-from ldm.detect import infer_model_config, normalize_prediction_type
-from ldm.diffusers_format import is_diffusers_folder, read_diffusers_folder
-from ldm.encoders import build_cond_stage_model, openclip_to_clip_state_dict
-from ldm.schedule import alphas_cumprod as alphas_cumprod_of
-from ldm.schedule import make_beta_schedule
+from ldm.loading.config_yaml import model_config_from_yaml
+from ldm.loading.detect import infer_model_config, normalize_prediction_type
+from ldm.loading.diffusers_format import is_diffusers_folder, read_diffusers_folder
+from ldm.loading.text_encoder import TextEncoderWeights, attach_text_encoder, read_text_encoder
+from ldm.noise_schedule import alphas_cumprod as alphas_cumprod_of
+from ldm.noise_schedule import make_beta_schedule
 from ldm.tokenizers import TextTokenizer, load_tokenizer
 from ldm.unet import UNetModel
 from ldm_serve.errors import CheckpointError, ConfigError, TokenizerFilesMissing
@@ -95,11 +100,14 @@ def resolve_config(
     checkpoint_path: Path,
     sd: Mapping[str, torch.Tensor],
     prediction_type: str | None = None,
+    text_config: CLIPTextConfig | None = None,
 ) -> ModelConfig:
     """The config to build: explicit, else ``<stem>.yaml`` beside the file, else inferred.
 
     ``prediction_type`` (``eps``/``epsilon``/``v``/``v_prediction``) overrides the
-    parameterization of whichever config is chosen.
+    parameterization of whichever config is chosen. ``text_config`` (a separately given
+    text encoder's own configuration) replaces the config's CLIP text encoder of the same
+    width, or guides the inference.
     """
     pred = normalize_prediction_type(prediction_type)
     if isinstance(config, ModelConfig):
@@ -116,9 +124,24 @@ def resolve_config(
             None,
         )
         if sibling is None:
-            return infer_model_config(sd, prediction_type=pred)
+            return infer_model_config(sd, prediction_type=pred, text_config=text_config)
         cfg = model_config_from_yaml(sibling)
+    if text_config is not None:
+        cfg = _with_text_config(cfg, text_config)
     return dataclasses.replace(cfg, parameterization=pred) if pred is not None else cfg
+
+
+def _with_text_config(cfg: ModelConfig, text_config: CLIPTextConfig) -> ModelConfig:
+    """``cfg`` with a separately given encoder's config (the same encoder, stated by its own file)."""
+    current = cfg.cond_stage
+    if not isinstance(current, CLIPTextConfig) or current.hidden_size != text_config.hidden_size:
+        width = current.hidden_size if isinstance(current, CLIPTextConfig) else None
+        raise ConfigError(
+            f"the separately given text encoder is a {text_config.hidden_size}-wide CLIP, but the "
+            f"{cfg.family} config's conditioning encoder is {type(current).__name__ if current else 'none'}"
+            + (f" of width {width}" if width is not None else "")
+        )
+    return dataclasses.replace(cfg, cond_stage=text_config)
 
 
 def build_cond_stage(config: CondStageConfig | None) -> nn.Module | None:
@@ -233,10 +256,19 @@ class _Source:
 
 
 def _open_folder(
-    path: Path, config: ConfigSource, use_ema: bool | None, prediction_type: str | None
+    path: Path,
+    config: ConfigSource,
+    use_ema: bool | None,
+    prediction_type: str | None,
+    text_encoder: TextEncoderWeights | None,
 ) -> _Source:
     if not is_diffusers_folder(path):
         raise CheckpointError(f"{path} is a directory without model_index.json (not a diffusers folder)")
+    if text_encoder is not None:
+        raise ConfigError(
+            f"the diffusers folder {path} has its own text_encoder/; a separate text encoder "
+            f"({text_encoder.source}) is only for single-file checkpoints without one"
+        )
     if use_ema:
         raise CheckpointError(f"use_ema=True but the diffusers folder {path} holds no EMA weights")
     folder = read_diffusers_folder(path, prediction_type=prediction_type)
@@ -248,10 +280,16 @@ def _open_folder(
 
 
 def _open_checkpoint(
-    path: Path, config: ConfigSource, use_ema: bool | None, prediction_type: str | None
+    path: Path,
+    config: ConfigSource,
+    use_ema: bool | None,
+    prediction_type: str | None,
+    text_encoder: TextEncoderWeights | None,
 ) -> _Source:
     sd = read_state_dict(path)
-    cfg = resolve_config(config, path, sd, prediction_type)
+    if text_encoder is not None:
+        sd = attach_text_encoder(sd, text_encoder, path)
+    cfg = resolve_config(config, path, sd, prediction_type, None if text_encoder is None else text_encoder.config)
     parts = split_components(sd, use_ema, unet_keys=_unet_keys(cfg))
     if parts.unexpected:
         raise CheckpointError(
@@ -260,6 +298,12 @@ def _open_checkpoint(
         )
     _check_schedule(cfg, model_alphas_cumprod(cfg), parts.buffers)
     cond_sd = cond_stage_state_dict(parts.cond_stage, cfg.cond_stage)
+    if isinstance(cfg.cond_stage, CLIPTextConfig) and not cond_sd:
+        raise CheckpointError(
+            f"{path} holds no weights of the {cfg.family} text encoder (cond_stage_model.* pruned?); "
+            "give it separately: text_encoder=PATH (CLI --text-encoder), a diffusers text_encoder/ "
+            "folder or a file with the cond_stage_model.* weights"
+        )
     if cfg.cond_stage is None and cond_sd:
         if cfg.inpaint_mode != "ldm":
             raise CheckpointError(
@@ -267,7 +311,12 @@ def _open_checkpoint(
                 unexpected=sorted(cond_sd),
             )
         _check_first_stage_copy(cond_sd, parts.first_stage)
-    return _Source(cfg, parts, cond_sd, path.parent / "tokenizer")
+    tokenizer_dir = path.parent / "tokenizer"
+    if text_encoder is not None and not tokenizer_dir.is_dir():
+        # a diffusers text_encoder/ folder has its tokenizer/ beside it
+        beside = Path(text_encoder.source).parent / "tokenizer"
+        tokenizer_dir = beside if beside.is_dir() else tokenizer_dir
+    return _Source(cfg, parts, cond_sd, tokenizer_dir)
 
 
 def _scale_factor(source: _Source, path: Path) -> float:
@@ -288,6 +337,7 @@ def load_model(
     use_ema: bool | None = None,
     tokenizer_dir: str | Path | None = None,
     prediction_type: str | None = None,
+    text_encoder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model for inference.
 
@@ -304,6 +354,10 @@ def load_model(
             ``vocab.txt`` for BERT). Default: ``tokenizer/`` beside the checkpoint, or
             inside the diffusers folder.
         prediction_type: ``eps`` / ``v`` (diffusers spellings accepted); overrides the config.
+        text_encoder: the text encoder of a checkpoint pruned of it: a diffusers
+            ``text_encoder/`` folder, a file of ``cond_stage_model.*`` tensors, or a
+            ``CLIPTextModel`` file with its ``config.json`` (:mod:`ldm.loading.text_encoder`).
+            Refused when the checkpoint has an encoder of its own.
 
     Raises:
         CheckpointError: unreadable or unsafe file, weights not matching the architecture,
@@ -315,7 +369,8 @@ def load_model(
     path = Path(path)
     device = torch.device(device)
     opener = _open_folder if path.is_dir() else _open_checkpoint
-    source = opener(path, config, use_ema, prediction_type)
+    separate = None if text_encoder is None else read_text_encoder(text_encoder)
+    source = opener(path, config, use_ema, prediction_type, separate)
     cfg, parts = source.config, source.parts
     scale_factor = _scale_factor(source, path)
 

@@ -36,17 +36,21 @@ from typing import Any
 
 import torch
 
-from ldm.checkpoint import read_state_dict
 from ldm.config import AutoencoderConfig, CLIPTextConfig, ModelConfig, UNetConfig
-from ldm.config_yaml import classify_family
-from ldm.detect import normalize_prediction_type
+from ldm.loading.checkpoint import read_state_dict
+from ldm.loading.config_yaml import classify_family
+from ldm.loading.detect import normalize_prediction_type
 from ldm_serve.errors import CheckpointError, ConfigError
 
 __all__ = [
     "DiffusersModel",
     "is_diffusers_folder",
+    "pad_token_of",
     "read_diffusers_folder",
+    "read_json",
+    "text_config_from_transformers",
     "text_state_dict_from_transformers",
+    "weights_file",
     "unet_config_from_diffusers",
     "unet_state_dict_from_diffusers",
     "vae_config_from_diffusers",
@@ -74,7 +78,7 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -250,7 +254,8 @@ def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> AutoencoderConfig:
     )
 
 
-def _text_config(cfg: Mapping[str, Any], pad_token: str | None) -> CLIPTextConfig:
+def text_config_from_transformers(cfg: Mapping[str, Any], pad_token: str | None) -> CLIPTextConfig:
+    """Our :class:`CLIPTextConfig` from a ``CLIPTextModel`` ``config.json`` (and the tokenizer's pad token)."""
     where = "text_encoder/config.json"
     architectures = cfg.get("architectures") or ["CLIPTextModel"]
     if architectures != ["CLIPTextModel"]:
@@ -272,12 +277,12 @@ def _text_config(cfg: Mapping[str, Any], pad_token: str | None) -> CLIPTextConfi
     )
 
 
-def _pad_token(tokenizer_dir: Path) -> str | None:
+def pad_token_of(tokenizer_dir: Path) -> str | None:
     """The pad token from ``special_tokens_map.json`` (right for SD 2.x, unlike ``tokenizer_config.json``)."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = tokenizer_dir / name
         if path.is_file():
-            pad = _read_json(path).get("pad_token")
+            pad = read_json(path).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if isinstance(pad, str):
@@ -503,7 +508,7 @@ def text_state_dict_from_transformers(sd: Mapping[str, torch.Tensor]) -> dict[st
     return {f"text_model.{k}" if k.startswith(_CLIP_TOP_LEVEL) else k: v for k, v in sd.items()}
 
 
-def _weights_file(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def weights_file(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Read ``<stem>[.fp16].{safetensors,bin}`` or a sharded ``<stem>.*.index.json`` from ``folder``."""
     for stem in stems:
         for variant in ("", ".fp16"):
@@ -513,7 +518,7 @@ def _weights_file(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
                     return read_state_dict(single)
                 index = folder / f"{stem}{variant}{ext}.index.json"
                 if index.is_file():
-                    shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                    shards = sorted(set(read_json(index).get("weight_map", {}).values()))
                     merged: dict[str, torch.Tensor] = {}
                     for shard in shards:
                         merged.update(read_state_dict(folder / shard))
@@ -533,19 +538,21 @@ def read_diffusers_folder(path: str | Path, *, prediction_type: str | None = Non
         CheckpointError: unreadable weights or weights that do not rename cleanly.
     """
     root = Path(path)
-    index = _read_json(root / "model_index.json")
+    index = read_json(root / "model_index.json")
     absent = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(c)]
     if absent:
         raise ConfigError(
             f"{root}/model_index.json lacks {', '.join(absent)}; only Stable Diffusion pipelines "
             "(unet, vae, text_encoder, tokenizer, scheduler) are supported"
         )
-    unet_cfg = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
-    vae_json = _read_json(root / "vae" / "config.json")
+    unet_cfg = unet_config_from_diffusers(read_json(root / "unet" / "config.json"))
+    vae_json = read_json(root / "vae" / "config.json")
     vae_cfg = vae_config_from_diffusers(vae_json)
     tokenizer_dir = root / "tokenizer"
-    text_cfg = _text_config(_read_json(root / "text_encoder" / "config.json"), _pad_token(tokenizer_dir))
-    schedule = _schedule(_read_json(root / "scheduler" / "scheduler_config.json"))
+    text_cfg = text_config_from_transformers(
+        read_json(root / "text_encoder" / "config.json"), pad_token_of(tokenizer_dir)
+    )
+    schedule = _schedule(read_json(root / "scheduler" / "scheduler_config.json"))
     pred = normalize_prediction_type(prediction_type)
     if pred is not None:
         schedule["parameterization"] = pred
@@ -562,7 +569,7 @@ def read_diffusers_folder(path: str | Path, *, prediction_type: str | None = Non
         )
     conditioning_key = "hybrid" if inpaint else "crossattn"
     inpaint_mode = "sd" if inpaint else None
-    sample_size = _read_json(root / "unet" / "config.json").get("sample_size") or 64
+    sample_size = read_json(root / "unet" / "config.json").get("sample_size") or 64
     config = ModelConfig(
         family=classify_family(unet_cfg, text_cfg, conditioning_key, inpaint_mode),
         unet=unet_cfg,
@@ -580,13 +587,13 @@ def read_diffusers_folder(path: str | Path, *, prediction_type: str | None = Non
     return DiffusersModel(
         config=config,
         unet=unet_state_dict_from_diffusers(
-            _weights_file(root / "unet", ("diffusion_pytorch_model",)), unet_cfg
+            weights_file(root / "unet", ("diffusion_pytorch_model",)), unet_cfg
         ),
         first_stage=vae_state_dict_from_diffusers(
-            _weights_file(root / "vae", ("diffusion_pytorch_model",)), vae_cfg
+            weights_file(root / "vae", ("diffusion_pytorch_model",)), vae_cfg
         ),
         cond_stage=text_state_dict_from_transformers(
-            _weights_file(root / "text_encoder", ("model", "pytorch_model"))
+            weights_file(root / "text_encoder", ("model", "pytorch_model"))
         ),
         tokenizer_dir=tokenizer_dir,
     )

@@ -1,7 +1,7 @@
 """Admission and fairness for the continuous-batching engine, as a torch-free state machine.
 
-The engine calls :meth:`Scheduler.schedule` once at every step boundary. The
-scheduler decides which waiting entries (an entry is one job: a group of rows
+The engine calls :meth:`AdmissionPolicy.schedule` once at every step boundary. The
+policy decides which waiting entries (an entry is one job: a group of rows
 that join and leave together) enter the running batch before the next UNet
 forward, and the shape of that forward (padding to a bucket). It knows nothing
 about tensors: it counts rows, UNet rows and bytes, and reads time from an
@@ -28,7 +28,7 @@ Policy (after TGI's router, adapted to diffusion where one iteration is one DDIM
   running rows back for more than that much work per step.
 * **Buckets.** With ``buckets`` set, each step's UNet batch is padded to the next
   bucket size (static shapes for CUDA graphs / compiled engines); padded rows count
-  against the memory budget and in :attr:`Scheduler.padded_rows_total`.
+  against the memory budget and in :attr:`AdmissionPolicy.padded_rows_total`.
 * **Cancellation** removes an entry at once, waiting or running, and frees its budget.
 
 One owner (the worker's loop thread) calls every method; nothing here is thread-safe.
@@ -44,11 +44,11 @@ from typing import Literal
 
 from ldm_serve.errors import ConfigError, InvalidInput
 
-__all__ = ["Admission", "Plan", "Scheduler", "SchedulerConfig", "bucket_for"]
+__all__ = ["Admission", "Plan", "AdmissionPolicy", "AdmissionConfig", "bucket_for"]
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class AdmissionConfig:
     """Budgets and knobs of the admission policy (see the module docstring).
 
     Attributes:
@@ -119,7 +119,7 @@ class Admission:
 
 @dataclass(frozen=True)
 class Plan:
-    """The outcome of one :meth:`Scheduler.schedule` call: who joins, and the next step's shape.
+    """The outcome of one :meth:`AdmissionPolicy.schedule` call: who joins, and the next step's shape.
 
     Attributes:
         step: 1-based index of the step this plan is for.
@@ -142,7 +142,7 @@ class Plan:
     forced: bool
 
 
-class Scheduler:
+class AdmissionPolicy:
     """The waiting queue, the running set and their budgets; see the module docstring.
 
     Args:
@@ -150,7 +150,7 @@ class Scheduler:
         clock: monotonic seconds (``time.monotonic``; tests pass a fake clock).
     """
 
-    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: AdmissionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
         self._waiting: list[_Entry] = []

@@ -13,7 +13,7 @@ Update rule, per row, exactly as CompVis ``DDIMSampler.p_sample_ddim`` (paper eq
 
 with ``a_t = alphā[t_i]`` and ``a_prev = alphā[t_{i+1}]``; on a row's last step
 ``a_prev = alphā[0]`` (not 1.0; diffusers' ``set_alpha_to_one=False``). The iteration
-itself (coefficients, blending, update, draws) is :func:`ldm.engine.ddim.ddim_iteration`,
+itself (coefficients, blending, update, draws) is :func:`ldm.sampling.ddim.ddim_iteration`,
 shared with the continuous-batching engine.
 
 Randomness. Every draw for row ``b`` comes from ``generators[b]`` with the shape of
@@ -41,8 +41,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ldm.engine.ddim import BlendRows, StepCoefficients, ddim_iteration, row_coefficients
-from ldm_serve.errors import InvalidInput
+from ldm.sampling.ddim import BlendRows, StepCoefficients, ddim_iteration, row_coefficients
+from ldm_serve.errors import InternalError
 
 __all__ = ["Denoiser", "MaskBlend", "StepCallback", "StepState", "latent_keep_mask", "sample_ddim"]
 
@@ -110,7 +110,7 @@ def latent_keep_mask(repaint: torch.Tensor, latent_hw: tuple[int, int]) -> torch
         ``[B, 1, h, w]`` float32, 1 = keep, 0 = generate.
     """
     if repaint.ndim != 4 or repaint.shape[1] != 1:
-        raise InvalidInput("mask", f"expected a [B, 1, H, W] repaint mask, got {list(repaint.shape)}")
+        raise InternalError("mask", f"expected a [B, 1, H, W] repaint mask, got {list(repaint.shape)}")
     hole = F.adaptive_max_pool2d(repaint.to(torch.float32), latent_hw)  # [B, 1, h, w], 1 = any pixel repainted
     return 1.0 - hole
 
@@ -152,24 +152,24 @@ def _as_row_list(name: str, value: Sequence[object] | None, batch: int) -> list:
     if value is None:
         return [None] * batch
     if len(value) != batch:
-        raise InvalidInput(name, f"got {len(value)} entries for a batch of {batch} rows")
+        raise InternalError(name, f"got {len(value)} entries for a batch of {batch} rows")
     return list(value)
 
 
 def _check_timesteps(timesteps: Sequence[torch.Tensor], batch: int, num_train: int) -> list[torch.Tensor]:
     """Validate per-row timestep lists; return them as CPU int64 tensors."""
     if len(timesteps) != batch:
-        raise InvalidInput("timesteps", f"got {len(timesteps)} timestep lists for a batch of {batch} rows")
+        raise InternalError("timesteps", f"got {len(timesteps)} timestep lists for a batch of {batch} rows")
     out = []
     for b, ts in enumerate(timesteps):
         ts = torch.as_tensor(ts).detach().cpu()
         if ts.ndim != 1 or ts.numel() == 0 or ts.is_floating_point() or ts.dtype == torch.bool:
-            raise InvalidInput("timesteps", f"row {b}: expected a non-empty 1-D integer tensor, got {ts}")
+            raise InternalError("timesteps", f"row {b}: expected a non-empty 1-D integer tensor, got {ts}")
         ts = ts.to(torch.int64)
         if int(ts.min()) < 0 or int(ts.max()) >= num_train:
-            raise InvalidInput("timesteps", f"row {b}: values must lie in 0..{num_train - 1}")
+            raise InternalError("timesteps", f"row {b}: values must lie in 0..{num_train - 1}")
         if ts.numel() > 1 and bool((ts[1:] > ts[:-1]).any()):
-            raise InvalidInput("timesteps", f"row {b}: must be descending (the order they are visited)")
+            raise InternalError("timesteps", f"row {b}: must be descending (the order they are visited)")
         out.append(ts)
     return out
 
@@ -179,11 +179,11 @@ def _check_eta(eta: torch.Tensor | float, batch: int) -> list[float]:
     if eta_t.ndim == 0:
         eta_t = eta_t.expand(batch)
     if eta_t.shape != (batch,):
-        raise InvalidInput("eta", f"expected a scalar or shape [{batch}], got {list(eta_t.shape)}")
+        raise InternalError("eta", f"expected a scalar or shape [{batch}], got {list(eta_t.shape)}")
     values = eta_t.tolist()
     for b, e in enumerate(values):
         if not 0.0 <= e <= 1.0:  # also rejects NaN
-            raise InvalidInput("eta", f"row {b}: must be in [0, 1], got {e}")
+            raise InternalError("eta", f"row {b}: must be in [0, 1], got {e}")
     return values
 
 
@@ -192,15 +192,15 @@ def _check_blend(blend: MaskBlend | None, x: torch.Tensor) -> list[bool]:
     if blend is None:
         return [False] * batch
     if blend.x0.shape != x.shape:
-        raise InvalidInput("blend", f"x0 has shape {list(blend.x0.shape)}, latents {list(x.shape)}")
+        raise InternalError("blend", f"x0 has shape {list(blend.x0.shape)}, latents {list(x.shape)}")
     m = blend.mask
     if m.ndim != 4 or m.shape[0] != batch or m.shape[1] not in (1, x.shape[1]) or m.shape[2:] != x.shape[2:]:
-        raise InvalidInput("blend", f"mask must be [B, 1, h, w] = [{batch}, 1, *{list(x.shape[2:])}], got {list(m.shape)}")
+        raise InternalError("blend", f"mask must be [B, 1, h, w] = [{batch}, 1, *{list(x.shape[2:])}], got {list(m.shape)}")
     if blend.rows is None:
         return [True] * batch
     rows = torch.as_tensor(blend.rows).detach().cpu()
     if rows.shape != (batch,):
-        raise InvalidInput("blend", f"rows must have shape [{batch}], got {list(rows.shape)}")
+        raise InternalError("blend", f"rows must have shape [{batch}], got {list(rows.shape)}")
     return [bool(r) for r in rows.tolist()]
 
 
@@ -233,7 +233,7 @@ class _Tables:
     def build(
         cls, rows: list[torch.Tensor], alphas_cumprod: torch.Tensor, eta: list[float], device: torch.device
     ) -> _Tables:
-        """Per-row coefficients from :func:`ldm.engine.ddim.row_coefficients`, stacked."""
+        """Per-row coefficients from :func:`ldm.sampling.ddim.row_coefficients`, stacked."""
         per_row = [row_coefficients(ts, alphas_cumprod, e, device) for ts, e in zip(rows, eta, strict=True)]
         length = max(r.length for r in per_row)
 
@@ -282,7 +282,7 @@ def sample_ddim(
         denoiser: see :class:`Denoiser` (e.g. :class:`ldm.denoiser.GuidedDenoiser`).
         x_T: ``[B, C, h, w]`` initial noise; the result is float32 whatever its dtype.
         timesteps: per row, a descending int64 tensor of training timesteps (from
-            :func:`ldm.schedule.ddim_timesteps`); lengths may differ.
+            :func:`ldm.noise_schedule.ddim_timesteps`); lengths may differ.
         alphas_cumprod: ``[T]`` alphā table (float32, as stored by the model).
         eta: DDIM eta in ``[0, 1]``, a scalar or one per row ``[B]``; 0 = deterministic.
         generators: per row, the source of all noise drawn for that row (see the
@@ -296,11 +296,11 @@ def sample_ddim(
         latents after their last completed step.
 
     Raises:
-        InvalidInput: mismatched batch sizes or lengths, timesteps not descending or
+        InternalError: mismatched batch sizes or lengths, timesteps not descending or
             outside the table, eta outside ``[0, 1]``, malformed ``blend``.
     """
     if x_T.ndim != 4:
-        raise InvalidInput("x_T", f"expected [B, C, h, w] latents, got shape {list(x_T.shape)}")
+        raise InternalError("x_T", f"expected [B, C, h, w] latents, got shape {list(x_T.shape)}")
     batch, device = x_T.shape[0], x_T.device
     rows_ts = _check_timesteps(timesteps, batch, alphas_cumprod.shape[0])
     eta_rows = _check_eta(eta, batch)

@@ -1,4 +1,4 @@
-"""The continuous-batching admission policy (``ldm.engine.scheduler``), driven by a fake clock."""
+"""The continuous-batching admission policy (``ldm.engine.admission``), driven by a fake clock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ldm.engine.scheduler import Scheduler, SchedulerConfig, bucket_for
+from ldm.engine.admission import AdmissionConfig, AdmissionPolicy, bucket_for
 from ldm_serve.errors import ConfigError, InvalidInput
 
 
@@ -23,17 +23,17 @@ class FakeClock:
         self.now += seconds
 
 
-def make(**kw) -> tuple[Scheduler, FakeClock]:
+def make(**kw) -> tuple[AdmissionPolicy, FakeClock]:
     clock = FakeClock()
-    return Scheduler(SchedulerConfig(**kw), clock=clock), clock
+    return AdmissionPolicy(AdmissionConfig(**kw), clock=clock), clock
 
 
 def admitted(plan) -> list[str]:
     return [a.id for a in plan.admitted]
 
 
-def test_scheduler_never_imports_torch() -> None:
-    code = "import sys, ldm.engine.scheduler; sys.exit('torch' in sys.modules)"
+def test_admission_never_imports_torch() -> None:
+    code = "import sys, ldm.engine.admission; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -171,7 +171,7 @@ def test_entries_that_can_never_fit_are_refused() -> None:
 )
 def test_bad_configs_are_refused(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
-        SchedulerConfig(**kwargs)
+        AdmissionConfig(**kwargs)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -179,7 +179,7 @@ def test_random_traffic_keeps_budgets_and_starves_nobody(seed: int) -> None:
     """Random arrivals, sizes, step counts and cancels: the budgets always hold, and every
     entry that is not canceled is admitted once arrivals stop."""
     rng = random.Random(seed)
-    cfg = SchedulerConfig(max_rows=6, max_bytes=900, buckets=(1, 2, 4, 8), waiting_served_ratio=rng.choice([0, 1.2]),
+    cfg = AdmissionConfig(max_rows=6, max_bytes=900, buckets=(1, 2, 4, 8), waiting_served_ratio=rng.choice([0, 1.2]),
                           max_waiting_steps=4)
     s, clock = make(**cfg.__dict__)
     steps_left: dict[str, int] = {}

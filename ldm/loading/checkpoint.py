@@ -311,7 +311,7 @@ class CheckpointComponents:
             :class:`ldm.unet.UNetModel`.
         first_stage: ``first_stage_model.*`` without the prefix.
         cond_stage: ``cond_stage_model.*`` without the prefix (still ``transformer.`` /
-            ``model.`` for CLIP / OpenCLIP; see :func:`ldm.loader.cond_stage_state_dict`).
+            ``model.`` for CLIP / OpenCLIP; see :func:`ldm.loading.loader.cond_stage_state_dict`).
         ema_unet: the EMA UNet weights mapped back to dotted keys, or ``None`` when the
             checkpoint holds no ``model_ema.*`` weights.
         buffers: root tensors (``betas``, ``alphas_cumprod``, ..., ``scale_factor``).

@@ -44,12 +44,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.checkpoint import (
-    COND_STAGE_PREFIX,
-    FIRST_STAGE_PREFIX,
-    UNET_PREFIX,
-    split_components,
-)
 from ldm.config import (
     AutoencoderConfig,
     BERTEmbedderConfig,
@@ -59,7 +53,13 @@ from ldm.config import (
     ModelConfig,
     UNetConfig,
 )
-from ldm.config_yaml import CLIP_VIT_L_14, OPENCLIP_VIT_H_14, default_unconditional_class
+from ldm.loading.checkpoint import (
+    COND_STAGE_PREFIX,
+    FIRST_STAGE_PREFIX,
+    UNET_PREFIX,
+    split_components,
+)
+from ldm.loading.config_yaml import CLIP_VIT_L_14, OPENCLIP_VIT_H_14, default_unconditional_class
 from ldm_serve.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -370,17 +370,40 @@ def _unknown(reason: str) -> ConfigError:
     )
 
 
-def infer_model_config(sd: Mapping[str, torch.Tensor], *, prediction_type: str | None = None) -> ModelConfig:
+def _missing_encoder(unet_sd: Mapping[str, torch.Tensor], in_channels: int, cond_kind: str) -> ConfigError:
+    """The UNet cross-attends but the checkpoint holds no encoder to attend to (pruned)."""
+    width = unet_sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    what = "no conditioning-encoder weights" if cond_kind == "none" else "only a first-stage copy as cond stage"
+    return _unknown(
+        f"the UNet takes {in_channels} input channels and cross-attends to {width}-channel embeddings "
+        f"(Stable Diffusion-shaped), but the checkpoint has {what} under cond_stage_model.*: its text "
+        "encoder was probably pruned. Give the text encoder separately (text_encoder=PATH, CLI "
+        "--text-encoder: a diffusers text_encoder/ folder or a file with the cond_stage_model.* weights)"
+    )
+
+
+def infer_model_config(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    prediction_type: str | None = None,
+    text_config: CLIPTextConfig | None = None,
+) -> ModelConfig:
     """Infer the configuration of an original-layout checkpoint from its tensor shapes.
 
     Args:
-        sd: the flat state dict from :func:`ldm.checkpoint.read_state_dict`.
+        sd: the flat state dict from :func:`ldm.loading.checkpoint.read_state_dict`.
         prediction_type: ``"eps"``/``"epsilon"`` or ``"v"``/``"v_prediction"``;
             overrides the family default (needed for SD 2.x, see the module docstring).
+        text_config: the text encoder's configuration when it is known from elsewhere
+            (a separately given diffusers ``text_encoder/``, whose ``CLIPTextModel``
+            weights sit under ``cond_stage_model.transformer.*`` whatever the family:
+            an exact-GELU encoder makes the model SD 2, as in :func:`classify_family`).
 
     Raises:
         ConfigError: the checkpoint is not one of :data:`KNOWN_FAMILIES` (the message
-            says which families are known and that a YAML config can be passed).
+            says which families are known and that a YAML config can be passed); in
+            particular a UNet that cross-attends without any encoder in the file (a pruned
+            text encoder) is refused, never taken for LDM inpainting.
     """
     pred = normalize_prediction_type(prediction_type)
     unet_sd = _strip(sd, UNET_PREFIX)
@@ -404,8 +427,19 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], *, prediction_type: str |
     if in_channels not in (latent, 2 * latent + 1):
         raise _unknown(f"UNet takes {in_channels} input channels with a {latent}-channel latent")
 
+    cross_attends = "middle_block.1.transformer_blocks.0.attn2.to_k.weight" in unet_sd
+    if cond_kind in ("none", "first_stage") and cross_attends:
+        # LDM inpainting has no cross-attention; a 9-channel SD-inpainting UNet without its
+        # text encoder must not be taken for it (wrong schedule, scale and conditioning)
+        raise _missing_encoder(unet_sd, in_channels, cond_kind)
+
     cond_stage: CondStageConfig | None
-    if cond_kind == "clip":
+    if text_config is not None:
+        if cond_kind != "clip":
+            raise _unknown(f"a separately given CLIP text encoder with a {cond_kind!r} cond stage")
+        base = "sd2" if text_config.hidden_act == "gelu" else "sd1"
+        family, cond_stage = (f"{base}-inpaint" if inpaint else base), text_config
+    elif cond_kind == "clip":
         family, cond_stage = ("sd1-inpaint" if inpaint else "sd1"), _infer_clip(cond_sd)
     elif cond_kind == "openclip":
         family, cond_stage = ("sd2-inpaint" if inpaint else "sd2"), _infer_openclip(cond_sd)

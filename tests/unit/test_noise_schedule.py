@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm.schedule import alphas_cumprod, ddim_step_count, ddim_timesteps, make_beta_schedule
+from ldm.noise_schedule import alphas_cumprod, ddim_step_count, ddim_timesteps, make_beta_schedule
 from ldm_serve.errors import ConfigError, InvalidInput
 
 SPACINGS = ("uniform", "leading", "trailing", "quad")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm.engine.ddim import RowCoefficients
+from ldm.sampling.ddim import RowCoefficients
 
 __all__ = ["PreparedRow"]
 
@@ -20,7 +20,7 @@ class PreparedRow:
         x_T: ``[C, h, w]`` float32 starting latent (on the sampling device).
         generator: the row's generator, already past the ``x_T`` (and inpainting) draws;
             every later draw of the row comes from it.
-        coef: the row's DDIM schedule (timesteps and coefficients, :mod:`ldm.engine.ddim`).
+        coef: the row's DDIM schedule (timesteps and coefficients, :mod:`ldm.sampling.ddim`).
         eta: DDIM eta in ``[0, 1]``.
         guidance_scale: the effective classifier-free guidance scale (1 = one UNet pass).
         context: ``[L, D]`` conditioning in the model dtype, or ``None``.
