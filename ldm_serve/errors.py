@@ -22,7 +22,8 @@ the model code raises them and never thinks about transport codes.
     ├── QueueUnavailable                      -> 503  Redis unreachable
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
-    └── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
+    ├── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
+    └── InternalError                         -> 500  an internal invariant failed (logged with a request id)
 """
 
 from __future__ import annotations
@@ -225,3 +226,11 @@ class Forbidden(LdmServeError):
 
     def to_dict(self) -> dict[str, object]:
         return {"type": self.code, "field": self.field, "message": str(self)}
+
+
+class InternalError(LdmServeError):
+    """An internal invariant failed (a bug, not the caller's input): a 500 with a request id,
+    logged with its traceback; never reported as a field error."""
+
+    http_status = 500
+    code = "internal_error"
