@@ -30,8 +30,8 @@ from __future__ import annotations
 import base64
 import re
 import uuid
-from enum import Enum
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field

@@ -85,10 +85,10 @@ def check_size(model: str, constraints: Sequence[ModelConstraints], width: int, 
         ("width", width, min(c.max_width for c in constraints)),
         ("height", height, min(c.max_height for c in constraints)),
     ):
-        if not lo <= value <= hi:
-            raise InvalidInput(field, f"must be between {lo} and {hi} pixels for model {model!r}, got {value}")
-        if value % multiple:
-            raise InvalidInput(field, f"must be a multiple of {multiple} for model {model!r}, got {value}")
+        if not lo <= value <= hi or value % multiple:  # one message with every limit of the side
+            raise InvalidInput(
+                field, f"must be a multiple of {multiple} between {lo} and {hi} pixels for model {model!r}, got {value}"
+            )
 
 
 def check_kind(model: str, constraints: Sequence[ModelConstraints], kind: JobKind) -> None:
