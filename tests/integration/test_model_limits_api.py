@@ -62,6 +62,11 @@ def _refused(svc: Service, path: str, body: dict, field: str, *fragments: str) -
         assert c.get("/v1/jobs").json()["data"] == before  # nothing was queued
 
 
+def bundled_id(svc: Service) -> str:
+    with svc.client() as c:
+        return next(m["id"] for m in c.get("/v1/models").json()["data"] if m["id"] != "sd64")
+
+
 def test_models_advertise_their_limits(two_models: Service) -> None:
     with two_models.client() as c:
         models = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
@@ -69,7 +74,7 @@ def test_models_advertise_their_limits(two_models: Service) -> None:
     assert (sd["size_multiple"], sd["min_side"], sd["max_width"]) == (64, 128, 256)
     assert 3 in sd["refused_steps"] and sd["timestep_spacing"] == "uniform" and sd["prediction_type"] == "eps"
     assert sd["kinds"] == ["txt2img", "inpaint"]
-    bundled = models["bundled"]["constraints"]
+    bundled = models[bundled_id(two_models)]["constraints"]
     assert bundled["refused_steps"] == [3, 9, 27, 36, 37]  # up to the gateway's max_steps=60
 
 
@@ -87,8 +92,9 @@ def test_sd_shaped_model_refuses_a_size_off_its_multiple_at_submit(two_models: S
 
 
 def test_bundled_model_refuses_steps_its_spacing_cannot_make_at_submit(two_models: Service) -> None:
-    body = {"prompt": "a red cube", "model": "bundled", "width": 64, "height": 64}
-    _refused(two_models, "/v1/txt2img", {**body, "steps": 9}, "steps", "cannot run 9 steps", "'bundled'")
+    model = bundled_id(two_models)
+    body = {"prompt": "a red cube", "model": model, "width": 64, "height": 64}
+    _refused(two_models, "/v1/txt2img", {**body, "steps": 9}, "steps", "cannot run 9 steps", repr(model))
     _refused(two_models, "/v1/txt2img", {**body, "steps": 4, "width": 256}, "width", "between 16 and 128")
     with two_models.client() as c:
         r = c.post("/v1/txt2img", json={**body, "steps": 4})
