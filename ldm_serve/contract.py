@@ -230,7 +230,8 @@ class ModelConstraints(BaseModel):
     max_height: int = Field(ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="the model's training timesteps")
     refused_steps: list[int] = Field(
-        default_factory=list, description="step counts up to the gateway's max_steps that the spacing refuses"
+        default_factory=list,
+        description="step counts the spacing refuses, up to the worker's max_steps (LDM_MAX_STEPS, as the gateway's)",
     )
     timestep_spacing: str | None = None
     min_guidance_scale: float = 0.0
