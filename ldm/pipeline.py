@@ -42,6 +42,7 @@ from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
 from ldm.sampling.ddim import row_coefficients
 from ldm.sampling.rows import PreparedRow
 from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.limits import ETA_MAX, GUIDANCE_SCALE_MAX, MAX_SIDE, SEED_MAX
 
 __all__ = [
     "GenerationResult",
@@ -50,9 +51,6 @@ __all__ = [
     "RowProgress",
     "load_pipeline",
 ]
-
-MAX_SEED = 2**63 - 1
-MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,41 @@ class LatentDiffusionPipeline:
                 out.append(f"{field}: {n} tokens, truncated to the model's {self.max_prompt_tokens}")
         return out
 
+    @property
+    def guidance_range(self) -> tuple[float, float]:
+        """Guidance scales :meth:`validate_row` accepts: only 1 for a model without an
+        unconditional branch (unconditional, or class-conditional without a null class)."""
+        if self.is_class_conditional:
+            try:
+                self._uncond_class_id()
+            except InvalidInput:
+                return (1.0, 1.0)
+        elif self.config.cond_stage is None and not self.config.inpaint_mode:
+            return (1.0, 1.0)
+        return (0.0, GUIDANCE_SCALE_MAX)
+
+    @property
+    def job_kinds(self) -> tuple[str, ...]:
+        """``"txt2img"`` and ``"inpaint"`` (by mask blending), or only ``"inpaint"`` for an inpainting UNet."""
+        return ("inpaint",) if self.config.inpaint_mode else ("txt2img", "inpaint")
+
+    @property
+    def n_classes(self) -> int | None:
+        """Classes of a class-conditional model (the prompt is a class id), else None."""
+        cfg = self.config.cond_stage
+        return cfg.n_classes if isinstance(cfg, ClassEmbedderConfig) else None
+
+    def refused_step_counts(self, up_to: int) -> list[int]:
+        """Step counts in ``1..up_to`` that this model's timestep spacing cannot make (e.g. 3 or 9
+        with 'uniform' spacing over 1000 timesteps: the grid would index past the schedule)."""
+        refused = []
+        for steps in range(1, min(up_to, self.config.timesteps) + 1):
+            try:
+                self.step_count(steps)
+            except InvalidInput:
+                refused.append(steps)
+        return refused
+
     def step_count(self, steps: int) -> int:
         """Real DDIM iterations for a requested step count (the original 'uniform'
         discretization runs more than ``steps`` when it does not divide 1000)."""
@@ -211,15 +244,15 @@ class LatentDiffusionPipeline:
     def validate_row(self, row: GenerationRow, width: int, height: int) -> None:
         """Raise :class:`InvalidInput` naming the field if ``row`` cannot be generated."""
         self.validate_size(width, height)
-        if not isinstance(row.seed, int) or not 0 <= row.seed <= MAX_SEED:
-            raise InvalidInput("seed", f"must be an integer in [0, {MAX_SEED}], got {row.seed!r}")
+        if not isinstance(row.seed, int) or not 0 <= row.seed <= SEED_MAX:
+            raise InvalidInput("seed", f"must be an integer in [0, {SEED_MAX}], got {row.seed!r}")
         if not isinstance(row.steps, int) or row.steps < 1 or row.steps > self.config.timesteps:
             raise InvalidInput("steps", f"must be an integer in [1, {self.config.timesteps}], got {row.steps!r}")
         self.step_count(row.steps)  # raises for spacings that cannot make that many steps
-        if not 0.0 <= float(row.eta) <= 1.0:
-            raise InvalidInput("eta", f"must be in [0, 1], got {row.eta}")
-        if not 0.0 <= float(row.guidance_scale) <= 50.0:
-            raise InvalidInput("guidance_scale", f"must be in [0, 50], got {row.guidance_scale}")
+        if not 0.0 <= float(row.eta) <= ETA_MAX:
+            raise InvalidInput("eta", f"must be in [0, {ETA_MAX:g}], got {row.eta}")
+        if not 0.0 <= float(row.guidance_scale) <= GUIDANCE_SCALE_MAX:
+            raise InvalidInput("guidance_scale", f"must be in [0, {GUIDANCE_SCALE_MAX:g}], got {row.guidance_scale}")
         for field, text in (("prompt", row.prompt), ("negative_prompt", row.negative_prompt)):
             if not isinstance(text, str):
                 raise InvalidInput(field, "must be a string")
@@ -434,6 +467,7 @@ class LatentDiffusionPipeline:
         *,
         on_step: StepHook | None = None,
         on_image: ImageHook | None = None,
+        validate: bool = True,
     ) -> list[Image.Image | None]:
         """Sample every row in one batched DDIM run; see the module docstring.
 
@@ -443,6 +477,9 @@ class LatentDiffusionPipeline:
                 returning row indices cancels those rows (their result is ``None``).
             on_image: called with ``(row, image)`` as soon as a row is decoded
                 (rows with fewer steps finish, and are decoded, earlier).
+            validate: run :meth:`validate_row` on every row first; ``False`` for a caller
+                that has just done so (the worker validates each job's rows once, so that a
+                bad job fails alone).
 
         Returns:
             One image per row, ``None`` for canceled rows.
@@ -458,7 +495,7 @@ class LatentDiffusionPipeline:
                 if on_image is not None:
                     on_image(i, img)
 
-        self.generate_latents(rows, width, height, on_step=on_step, on_finished=finished)
+        self.generate_latents(rows, width, height, on_step=on_step, on_finished=finished, validate=validate)
         return results
 
     @torch.no_grad()
@@ -470,17 +507,19 @@ class LatentDiffusionPipeline:
         *,
         on_step: StepHook | None = None,
         on_finished: Callable[[list[int], torch.Tensor], None] | None = None,
+        validate: bool = True,
     ) -> tuple[torch.Tensor, set[int]]:
         """The sampling half of :meth:`generate`: final latents ``[B, C, H/f, W/f]``
         (scaled, as the UNet sees them) and the set of canceled rows.
 
         ``on_finished(indices, latents)`` is called as soon as rows complete their
-        last step, with their final latents.
+        last step, with their final latents. ``validate`` as in :meth:`generate`.
         """
         if not rows:
             return torch.empty(0), set()
-        for row in rows:
-            self.validate_row(row, width, height)
+        if validate:
+            for row in rows:
+                self.validate_row(row, width, height)
         b = len(rows)
         h, w = self.latent_size(width, height)
         generators = [torch.Generator().manual_seed(r.seed) for r in rows]
@@ -601,9 +640,11 @@ class LatentDiffusionPipeline:
             raise InvalidInput("num_images", f"must be at least 1, got {num_images}")
         if seeds is None:
             rng = random.SystemRandom()
-            return [rng.randrange(0, 2**32) for _ in range(num_images)]
+            return [rng.randrange(0, SEED_MAX + 1) for _ in range(num_images)]
         if isinstance(seeds, int):
-            return [seeds + i for i in range(num_images)]
+            if not 0 <= seeds <= SEED_MAX:
+                raise InvalidInput("seed", f"must be an integer in [0, {SEED_MAX}], got {seeds}")
+            return [(seeds + i) % (SEED_MAX + 1) for i in range(num_images)]  # wraps as the gateway does
         if len(seeds) != num_images:
             raise InvalidInput("seeds", f"got {len(seeds)} seeds for {num_images} images")
         return [int(s) for s in seeds]

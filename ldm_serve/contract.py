@@ -30,10 +30,13 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ldm_serve.limits import GUIDANCE_SCALE_MAX
 
 CONTRACT_VERSION = 1
 
@@ -119,6 +122,12 @@ class GenerationPayload(BaseModel):
     One job produces ``n`` images, one batch row each; row ``i`` uses ``seeds[i]``.
     Inpainting inputs are not inlined: they live in the result store under
     ``Keys.input(job_id, "image" | "mask")`` as PNG bytes, already size-checked.
+
+    The two mappings around it live here and nowhere else: :meth:`from_request` (the
+    gateway's validated request -> payload; fields in :data:`REQUEST_FIELDS` are copied by
+    name) and :meth:`row_kwargs` (payload -> the keyword arguments of one engine row,
+    ``ldm.pipeline.GenerationRow``; the fields in :data:`ROW_FIELDS`). Every payload field
+    is either a row field or a job field (:data:`JOB_FIELDS`); a test keeps it that way.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -149,6 +158,58 @@ class GenerationPayload(BaseModel):
         """Jobs with equal keys can share one batched DDIM run (same model and latent size)."""
         return batch_key(self.model, self.width, self.height)
 
+    @classmethod
+    def from_request(
+        cls,
+        request: Mapping[str, Any],
+        *,
+        job_id: str,
+        kind: JobKind,
+        model: str,
+        width: int,
+        height: int,
+        seeds: list[int],
+        webhook: WebhookSpec | None,
+        owner: str | None,
+        created_at: float,
+    ) -> GenerationPayload:
+        """The payload of a validated request (``request``: the request model's ``model_dump()``).
+
+        The fields of :data:`REQUEST_FIELDS` are copied by name; the rest are what the
+        gateway resolved (model, size, seeds, webhook, owner, time).
+        """
+        copied = {name: request[name] for name in REQUEST_FIELDS if name in request}
+        return cls(
+            **copied,
+            job_id=job_id,
+            kind=kind,
+            model=model,
+            width=width,
+            height=height,
+            seeds=seeds,
+            webhook=webhook,
+            owner=owner,
+            created_at=created_at,
+        )
+
+    def row_kwargs(self) -> dict[str, Any]:
+        """The per-row parameters shared by all of the job's rows (each row adds its ``seed``
+        and, for inpainting, ``image`` and ``mask``)."""
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+
+ROW_FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "steps", "guidance_scale", "eta")
+"""Payload fields passed to every engine row under the same name (``GenerationRow`` fields)."""
+
+JOB_FIELDS: tuple[str, ...] = (
+    "v", "job_id", "kind", "model", "n", "width", "height", "seeds", "output_format", "quality", "priority",
+    "webhook", "metadata", "owner", "created_at",
+)
+"""Payload fields used by the worker for the job as a whole (batch key, seeds, encoding, webhooks, ...)."""
+
+REQUEST_FIELDS: tuple[str, ...] = (*ROW_FIELDS, "n", "output_format", "quality", "priority", "metadata")
+"""Fields copied from the request to the payload under the same name by :meth:`GenerationPayload.from_request`."""
+
 
 def batch_key(model: str, width: int, height: int) -> str:
     """The compatibility key: model and pixel size (hence latent size)."""
@@ -157,13 +218,30 @@ def batch_key(model: str, width: int, height: int) -> str:
 
 class ModelConstraints(BaseModel):
     """What a worker's model can run, advertised with its heartbeat; the gateway refuses any
-    other request at submit time (:mod:`ldm_serve.model_limits`). More of the model's limits
-    (steps, guidance, inpainting) belong here as well."""
+    other request at submit time (:mod:`ldm_serve.model_limits`), naming the field and the limit.
+
+    Fields added after the first version have defaults that check nothing, so the
+    heartbeat of an older worker still parses.
+    """
 
     size_multiple: int = Field(ge=1)
     min_side: int = Field(ge=1)
     max_width: int = Field(ge=1)
     max_height: int = Field(ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="the model's training timesteps")
+    refused_steps: list[int] = Field(
+        default_factory=list,
+        description="step counts the spacing refuses, up to the worker's max_steps (LDM_MAX_STEPS, as the gateway's)",
+    )
+    timestep_spacing: str | None = None
+    min_guidance_scale: float = 0.0
+    max_guidance_scale: float = GUIDANCE_SCALE_MAX
+    kinds: list[JobKind] = Field(
+        default_factory=lambda: [JobKind.TXT2IMG, JobKind.INPAINT], description="job kinds the model runs"
+    )
+    prediction_type: str | None = Field(default=None, description="'eps' or 'v'")
+    max_prompt_tokens: int | None = Field(default=None, description="longer prompts run truncated, with a warning")
+    n_classes: int | None = Field(default=None, description="class-conditional: the prompt is a class id below this")
 
 
 class WorkerInfo(BaseModel):

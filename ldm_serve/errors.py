@@ -23,7 +23,7 @@ the model code raises them and never thinks about transport codes.
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
     ├── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
-    └── InternalError                         -> 500  an internal invariant failed (a bug, not the caller's input)
+    └── InternalError                         -> 500  an internal invariant failed (a bug; logged with a request id)
 """
 
 from __future__ import annotations
@@ -230,18 +230,20 @@ class Forbidden(LdmServeError):
 
 class InternalError(LdmServeError):
     """An internal invariant failed: values built by our own code (a denoiser's rows, a
-    UNet's tensors, a sampler's timesteps) are inconsistent. A bug, never the caller's fault,
-    so its API body names no request field; request values are checked before, at the
-    door (:class:`InvalidInput`).
+    UNet's tensors, a sampler's timesteps, a worker's bookkeeping) are inconsistent. A bug,
+    never the caller's fault, so its API body names no request field (request values are
+    checked before, at the door: :class:`InvalidInput`); the gateway answers 500 with a
+    request id and logs the traceback.
 
     Args:
-        subject: the internal value that is wrong (``parameterization``, ``x``, ...), for the log.
-        message: what is wrong with it.
+        subject: the internal value that is wrong (``parameterization``, ``x``, ...), or the
+            whole message when ``message`` is omitted.
+        message: what is wrong with ``subject``.
     """
 
     http_status = 500
     code = "internal_error"
 
-    def __init__(self, subject: str, message: str) -> None:
-        self.subject = subject
-        super().__init__(f"internal error: {subject}: {message}")
+    def __init__(self, subject: str, message: str | None = None) -> None:
+        self.subject = subject if message is not None else None
+        super().__init__(subject if message is None else f"internal error: {subject}: {message}")

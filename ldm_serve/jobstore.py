@@ -356,6 +356,63 @@ class JobStore:
             self.keys.events(job_id), {"type": type_.value, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN
         )
 
+    # ------------------------------------------------------------------ a running job (worker side)
+    @translate_redis_errors
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a client asked to cancel the job (:meth:`cancel` sets the flag first)."""
+        return bool(self.redis.exists(self.keys.cancel(job_id)))
+
+    @translate_redis_errors
+    def set_batch(self, job_ids: Iterable[str], batch: dict[str, Any] | str) -> None:
+        """Record the batch the jobs run in (the job view's ``batch``), one round trip."""
+        value = batch if isinstance(batch, str) else json.dumps(batch)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hset(self.keys.job(job_id), "batch", value)
+        pipe.execute()
+
+    @translate_redis_errors
+    def record_steps(
+        self, progress: dict[str, tuple[int, int]], batch: dict[str, str] | None = None
+    ) -> dict[str, bool]:
+        """Write each job's progress ``(step, total)`` (hash and a ``progress`` event) and its new
+        ``batch`` record if given, and read every job's cancel flag: one round trip for all jobs.
+
+        Returns:
+            job id -> whether a client asked to cancel it.
+        """
+        if not progress:
+            return {}
+        ids = list(progress)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            step, total = progress[job_id]
+            pipe.hset(self.keys.job(job_id), mapping={"step": step, "total": total})
+            pipe.xadd(
+                self.keys.events(job_id),
+                {"type": EventType.PROGRESS.value, "data": json.dumps({"step": step, "total": total})},
+                maxlen=EVENTS_MAXLEN,
+            )
+            if batch and job_id in batch:
+                pipe.hset(self.keys.job(job_id), "batch", batch[job_id])
+        pipe.mget([self.keys.cancel(j) for j in ids])
+        flags = pipe.execute()[-1]
+        return {job_id: flag is not None for job_id, flag in zip(ids, flags, strict=True)}
+
+    @translate_redis_errors
+    def record_image(self, job_id: str, index: int, final_step: int | None = None) -> None:
+        """Note that image ``index`` is stored (hash field and ``image`` event); with ``final_step``,
+        first record the job's last step (a row can be decoded before its step was reported)."""
+        key, events = self.keys.job(job_id), self.keys.events(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        if final_step is not None:
+            pipe.hset(key, mapping={"step": final_step, "total": final_step})
+            data = json.dumps({"step": final_step, "total": final_step})
+            pipe.xadd(events, {"type": EventType.PROGRESS.value, "data": data}, maxlen=EVENTS_MAXLEN)
+        pipe.hset(key, f"image:{index}", 1)
+        pipe.xadd(events, {"type": EventType.IMAGE.value, "data": json.dumps({"index": index})}, maxlen=EVENTS_MAXLEN)
+        pipe.execute()
+
     @translate_redis_errors
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued job at once, or flag a running one for its worker.

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ldm_serve.limits import GUIDANCE_SCALE_MAX
+
 
 class Settings(BaseSettings):
     """Every knob of the gateway and the worker (env prefix ``LDM_``)."""
@@ -40,7 +42,9 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=150, ge=1)
     max_images: int = Field(default=4, ge=1, description="images per job (n)")
     max_prompt_chars: int = Field(default=2000, ge=1)
-    max_guidance_scale: float = Field(default=30.0, gt=0)
+    max_guidance_scale: float = Field(
+        default=30.0, gt=0, le=GUIDANCE_SCALE_MAX, description="at most the models' own limit (ldm_serve.limits)"
+    )
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     max_wait_s: int = Field(default=60, ge=0, le=60, description="longest Prefer: wait")

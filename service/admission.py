@@ -3,8 +3,9 @@
 :func:`admit` runs after the request is validated and before the job is queued, so a
 refused job costs nothing and is never stored:
 
-* size: the chosen model's live workers must all be able to run ``width`` x ``height``
-  (422 naming the field and the model's limit; :mod:`ldm_serve.model_limits`);
+* the model: the chosen model's live workers must all be able to run the job: its size,
+  step count, guidance scale, kind (inpainting) and, for a class-conditional model, its
+  prompt (422 naming the field and the model's limit; :mod:`ldm_serve.model_limits`);
 * ``priority: "high"`` only for keys with ``priority_high`` (403 naming ``priority``);
 * ``width * height * steps * n`` at most the key's ``max_job_pixel_steps`` (422);
 * the key's quotas, atomically (:mod:`ldm_serve.quotas`; 429 with ``Retry-After`` and
@@ -16,7 +17,7 @@ from __future__ import annotations
 from ldm_serve.contract import GenerationPayload, Priority
 from ldm_serve.errors import Forbidden, InvalidInput, RateLimited
 from ldm_serve.keys import Caller
-from ldm_serve.model_limits import check_size
+from ldm_serve.model_limits import check_request
 from ldm_serve.quotas import WINDOW_S, QuotaDecision
 from service.deps import Gateway
 
@@ -42,7 +43,7 @@ async def admit(gw: Gateway, caller: Caller, subject: str, payload: GenerationPa
     """
     workers = await gw.call(gw.store.live_workers)
     constraints = [w.constraints for w in workers if w.model == payload.model and w.constraints is not None]
-    check_size(payload.model, constraints, payload.width, payload.height)
+    check_request(payload.model, constraints, payload)
     policy = caller.policy
     if payload.priority is Priority.HIGH and not policy.priority_high:
         raise Forbidden("priority", '"high" is not allowed for this API key (priority_high is false); use normal or low')

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from ldm_serve.errors import (
+    InternalError,
     InvalidInput,
     LdmServeError,
     PayloadTooLarge,
@@ -50,11 +53,18 @@ from service.streams import KEEPALIVE_MS
 log = logging.getLogger("ldm_serve.gateway")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that hung up before the answer
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def error_response(exc: LdmServeError) -> JSONResponse:
-    """The one mapping from ``ldm_serve.errors`` to an HTTP response."""
+def error_response(exc: LdmServeError, request_id: str | None = None) -> JSONResponse:
+    """The one mapping from ``ldm_serve.errors`` to an HTTP response (``request_id``: an internal
+    error's id, in the body and the ``X-Request-ID`` header, as logged with its traceback)."""
     headers: dict[str, str] = {}
+    body = exc.to_dict()
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
     if isinstance(exc, QueueFull):
         headers["Retry-After"] = str(exc.retry_after_s)
     elif isinstance(exc, QueueUnavailable):
@@ -65,11 +75,32 @@ def error_response(exc: LdmServeError) -> JSONResponse:
         headers["Connection"] = "close"  # stop reading the rest of the body: the server closes after answering
     elif isinstance(exc, RateLimited):
         headers.update(rate_limit_headers(exc))
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+    return JSONResponse({"error": body}, status_code=exc.http_status, headers=headers)
 
 
-async def _handle_ldm_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, LdmServeError)
+def request_id_of(request: Request) -> str:
+    """The client's ``X-Request-ID`` when it is a short token, else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def internal_error_response(request: Request, exc: BaseException) -> JSONResponse:
+    """A 500 for a bug (an :class:`InternalError` or any exception nobody translated): the traceback is
+    logged under a request id that the client gets back; the client never sees the exception's text
+    unless it is our own :class:`InternalError` message."""
+    request_id = request_id_of(request)
+    log.error(
+        "internal error (request id %s) on %s %s", request_id, request.method, request.url.path, exc_info=exc
+    )
+    error = exc if isinstance(exc, InternalError) else InternalError(
+        "the server failed to process the request; quote the request id when reporting it"
+    )
+    return error_response(error, request_id)
+
+
+async def _handle_ldm_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, InternalError) or not isinstance(exc, LdmServeError):
+        return internal_error_response(request, exc)
     return error_response(exc)
 
 
@@ -144,6 +175,7 @@ _ERROR_SCHEMA = {
                 "type": {"type": "string", "description": "machine-readable code (invalid_input, queue_full, ...)"},
                 "message": {"type": "string", "description": "what is wrong, naming the field and the limit"},
                 "field": {"type": "string", "description": "the offending field (invalid_input only)"},
+                "request_id": {"type": "string", "description": "internal_error only: the id it is logged under"},
             },
         }
     },
@@ -158,6 +190,7 @@ _ERRORS = {
     "415": "Unsupported Content-Type",
     "422": "A field is out of range; `error.field` names it",
     "429": "Queue full or over a limit; retry after `Retry-After` seconds",
+    "500": "Internal error, logged under `error.request_id` (also in `X-Request-ID`)",
     "503": "Redis is unreachable or no worker has registered",
 }
 
@@ -241,6 +274,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
     # Innermost middleware: an oversize body raises PayloadTooLarge inside the route (-> 413).
     app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path), reject=error_response)
+
+    @app.middleware("http")
+    async def internal_errors(request: Request, call_next: Any) -> Any:
+        """Any exception that escaped the routes and handlers: a logged 500 with a request id."""
+        try:
+            return await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - the last resort; everything expected is an LdmServeError
+            return internal_error_response(request, exc)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Any:

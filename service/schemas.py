@@ -19,10 +19,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ldm_serve.contract import OutputFormat, Priority, WebhookEventType
+from ldm_serve.limits import ETA_MAX, SEED_MAX
 from ldm_serve.settings import Settings
 from service.bodies import json_depth
-
-SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -45,10 +44,12 @@ def build_schemas(settings: Settings) -> Schemas:
         negative_prompt: str = Field(default="", max_length=s.max_prompt_chars, description="What to avoid.")
         n: int = Field(default=1, ge=1, le=s.max_images, strict=True, description="Number of images.")
         width: int | None = Field(
-            default=None, ge=8, le=s.max_width, strict=True, description="Pixels, multiple of 8; default: the model's size."
+            default=None, ge=8, le=s.max_width, strict=True,
+            description="Pixels, a multiple of 8 and of the model's size_multiple (/v1/models); default: the model's size.",
         )
         height: int | None = Field(
-            default=None, ge=8, le=s.max_height, strict=True, description="Pixels, multiple of 8; default: the model's size."
+            default=None, ge=8, le=s.max_height, strict=True,
+            description="Pixels, a multiple of 8 and of the model's size_multiple (/v1/models); default: the model's size.",
         )
         steps: int = Field(default=50, ge=1, le=s.max_steps, strict=True, description="DDIM steps.")
         guidance_scale: float = Field(
@@ -56,7 +57,7 @@ def build_schemas(settings: Settings) -> Schemas:
             description="Classifier-free guidance.",
         )
         eta: float = Field(
-            default=0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="DDIM eta (0 = deterministic)."
+            default=0.0, ge=0.0, le=ETA_MAX, strict=True, allow_inf_nan=False, description="DDIM eta (0 = deterministic)."
         )
         seed: int | None = Field(
             default=None, ge=0, le=SEED_MAX, strict=True, description="Seed of image 0; image i uses seed+i. Absent: random."

@@ -19,6 +19,7 @@ and the most jobs and rows that shared a step with it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -30,8 +31,8 @@ from ldm_serve.errors import LdmServeError
 from ldm_serve.jobstore import JobStore
 from ldm_serve.results import ResultStore
 from ldm_serve.settings import Settings
+from worker.jobs import JobBook, JobRun, error_of
 from worker.metrics import WorkerMetrics
-from worker.runner import BatchRunner, JobRun, _json
 from worker.webhook_events import WebhookEmitter
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def engine_config(settings: Settings) -> Any:
     )
 
 
-class ContinuousRunner(BatchRunner):
+class ContinuousRunner:
     """Feeds claimed jobs into a :class:`ldm.engine.engine.ContinuousBatchEngine` and
-    records what each step did. Arguments as :class:`worker.runner.BatchRunner`, plus
-    ``engine`` (default: built from the pipeline and ``settings``)."""
+    records what each step did (through a :class:`worker.jobs.JobBook`, as
+    :class:`worker.runner.BatchRunner` does). Arguments as :class:`worker.runner.BatchRunner`,
+    plus ``engine`` (default: built from the pipeline and ``settings``)."""
 
     def __init__(
         self,
@@ -67,8 +69,11 @@ class ContinuousRunner(BatchRunner):
         worker_name: str,
         row_factory: Any = None,
         engine: Any = None,
+        book: JobBook | None = None,
     ) -> None:
-        super().__init__(pipeline, store, results, settings, metrics, webhooks, worker_name, row_factory)
+        self.book = book or JobBook(pipeline, store, results, settings, metrics, webhooks, worker_name, row_factory)
+        self.metrics = metrics
+        self.model = pipeline.name
         if engine is None:
             from ldm.engine.engine import ContinuousBatchEngine, estimate_unet_row_bytes
 
@@ -107,23 +112,25 @@ class ContinuousRunner(BatchRunner):
         """Claim jobs already taken from their queue, validate their rows and queue them in the engine."""
         if self.session is None:
             self.session = uuid.uuid4().hex[:12]
+        book = self.book
         for job_id in job_ids:
-            run = self._claim(job_id, self.session)
-            if run is None or not self._prepare(run):
+            run = book.claim(job_id, self.session)
+            if run is None or not book.prepare(run, validate=False):  # engine.add validates the rows
                 continue
             p = run.payload
             try:
                 self.engine.add(job_id, run.rows, p.width, p.height)
             except LdmServeError as exc:
-                self._close(run, JobStatus.FAILED, error=exc.to_dict())
+                log.info("job %s rejected by the model: %s", job_id, exc)
+                book.close(run, JobStatus.FAILED, error=exc.to_dict())
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. a size the running batch cannot take
                 log.warning("job %s could not join the running batch", job_id, exc_info=True)
-                self._close(run, JobStatus.FAILED, error={"type": "internal_error", "message": str(exc)})
+                book.close(run, JobStatus.FAILED, error=error_of(exc))
                 continue
             self.jobs[job_id] = run
             self.batch_key = batch_key
-            self._webhook(run, WebhookEventType.START)
+            book.webhook(run, WebhookEventType.START)
         if self.engine.idle:
             self.session = self.batch_key = None
         self._gauges()
@@ -133,6 +140,7 @@ class ContinuousRunner(BatchRunner):
         """One engine step, then its consequences in Redis: failures, images, progress, cancels."""
         if self.engine.idle:
             return
+        book = self.book
         self.metrics.busy.set(1)
         t0 = time.monotonic()
         try:
@@ -140,7 +148,7 @@ class ContinuousRunner(BatchRunner):
         except Exception as exc:  # noqa: BLE001 - an engine bug must not kill the worker
             log.error("engine step failed; failing its %d job(s)", len(self.jobs), exc_info=True)
             for run in list(self.jobs.values()):
-                self._close(run, JobStatus.FAILED, error={"type": "internal_error", "message": str(exc)})
+                book.close(run, JobStatus.FAILED, error=error_of(exc))
             self.reset()
             return
         finally:
@@ -151,9 +159,7 @@ class ContinuousRunner(BatchRunner):
             run = self.jobs.pop(group, None)
             if run is not None:
                 log.warning("job %s failed in the engine: %s", group, exc)
-                error = exc.to_dict() if isinstance(exc, LdmServeError) else {
-                    "type": "internal_error", "message": str(exc)}
-                self._close(run, JobStatus.FAILED, error=error)
+                book.close(run, JobStatus.FAILED, error=error_of(exc))
                 self.metrics.engine_failed_groups.labels(self.model).inc()
 
         now = time.time()
@@ -163,33 +169,33 @@ class ContinuousRunner(BatchRunner):
                 self.metrics.queue_to_first_step.labels(self.model).observe(max(0.0, now - run.payload.created_at))
 
         jobs_in_step = len(rep.progress)
-        changed: dict[str, dict[str, Any]] = {}
+        changed: dict[str, str] = {}  # job -> its new batch record
         for prog in rep.progress:
             peak = self._peak.get(prog.group, (0, 0))
             new = (max(peak[0], jobs_in_step), max(peak[1], rep.rows))
             if new != peak:
                 self._peak[prog.group] = new
-                changed[prog.group] = {"batch": self._batch_info(new)}
+                changed[prog.group] = self._batch_info(new)
 
         for im in rep.images:  # before progress: a finished job closes here
             run = self.jobs.get(im.group)
             if run is not None:
                 if im.group in changed:
-                    self.store.redis.hset(self.store.keys.job(im.group), mapping=changed.pop(im.group))
-                self._store_image(run, im.index, im.image)
+                    book.store.set_batch([im.group], changed.pop(im.group))
+                book.store_image(run, im.index, im.image)
 
         per_job = {
             p.group: (self.jobs[p.group], p.step, p.total)
             for p in rep.progress
             if p.group in self.jobs and not self.jobs[p.group].closed
         }
-        for run in self._progress_and_stops(per_job, changed):
+        for run in book.progress_and_stops(per_job, changed):
             self.engine.cancel(run.job_id)  # canceled or timed out: its rows leave the batch now
 
         for group in rep.finished:
             run = self.jobs.get(group)
             if run is not None and not run.closed:  # every row decoded but not every image stored
-                self._close(run, JobStatus.FAILED, error={"type": "internal_error", "message": "no image produced"})
+                book.fail_internal(run, "no image produced")
         for job_id in [j for j, run in self.jobs.items() if run.closed]:
             del self.jobs[job_id]
             self._peak.pop(job_id, None)
@@ -200,7 +206,7 @@ class ContinuousRunner(BatchRunner):
 
     # ------------------------------------------------------------------ bookkeeping
     def _batch_info(self, peak: tuple[int, int]) -> str:
-        return _json({"id": self.session, "jobs": peak[0], "rows": peak[1], "mode": "continuous"})
+        return json.dumps({"id": self.session, "jobs": peak[0], "rows": peak[1], "mode": "continuous"})
 
     def _observe(self, rep: Any, seconds: float) -> None:
         m, model = self.metrics, self.model

@@ -37,6 +37,7 @@ from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
 from worker.batching import BatchCollector
 from worker.continuous import ContinuousRunner
+from worker.jobs import JobBook
 from worker.metrics import WorkerMetrics
 from worker.probes import ProbeServer
 from worker.runner import BatchRunner
@@ -95,13 +96,26 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
     return pipeline
 
 
-def _constraints(pipeline: Any, settings: Settings) -> ModelConstraints | None:
-    """The sizes this worker's model runs (None for a pipeline that does not say)."""
+def model_constraints_of(pipeline: Any, settings: Settings) -> ModelConstraints | None:
+    """What this worker's model runs, as advertised in its heartbeat (None for a pipeline that does
+    not say). Limits a stand-in pipeline does not report are not checked."""
     default_size = getattr(pipeline, "default_size", None)
     if not default_size:
         return None
     multiple = getattr(pipeline, "size_multiple", None) or getattr(pipeline, "downsample_factor", None) or 8
-    return model_constraints(int(default_size), int(multiple), settings)
+    extra: dict[str, Any] = {}
+    config = getattr(pipeline, "config", None)
+    if hasattr(pipeline, "refused_step_counts"):
+        extra["refused_steps"] = pipeline.refused_step_counts(settings.max_steps)
+    if config is not None:
+        extra["max_steps"] = int(config.timesteps)
+        extra["prediction_type"] = str(config.parameterization)
+    for name in ("guidance_range", "job_kinds", "n_classes", "timestep_spacing"):
+        if hasattr(pipeline, name):
+            extra[{"job_kinds": "kinds"}.get(name, name)] = getattr(pipeline, name)
+    if getattr(pipeline, "max_prompt_tokens", None):
+        extra["max_prompt_tokens"] = int(pipeline.max_prompt_tokens)
+    return model_constraints(int(default_size), int(multiple), settings, **extra)
 
 
 class Worker:
@@ -131,9 +145,11 @@ class Worker:
         self.webhooks = WebhookEmitter(
             self.store, settings, on_enqueue=lambda ev: self.metrics.webhooks_enqueued.labels(ev).inc()
         )
+        results = RedisResultStore(self.store.redis, self.store.keys)
+        # one job bookkeeping object, whichever batching mode drives the model
+        self.book = JobBook(pipeline, self.store, results, settings, self.metrics, self.webhooks, self.name, row_factory)
         self.runner = BatchRunner(
-            pipeline, self.store, RedisResultStore(self.store.redis, self.store.keys), settings, self.metrics,
-            self.webhooks, self.name, row_factory,
+            pipeline, self.store, results, settings, self.metrics, self.webhooks, self.name, book=self.book
         )
         self.collector = BatchCollector(
             self.store.redis, self.store.keys, self.store.queue_keys(pipeline.name), self.name
@@ -141,8 +157,7 @@ class Worker:
         self.continuous: ContinuousRunner | None = None
         if settings.batching == "continuous":
             self.continuous = ContinuousRunner(
-                pipeline, self.store, self.runner.results, settings, self.metrics, self.webhooks, self.name,
-                row_factory,
+                pipeline, self.store, results, settings, self.metrics, self.webhooks, self.name, book=self.book
             )
         self._stop = threading.Event()
         self._halted = threading.Event()  # set when the loop has ended: the heartbeat stops
@@ -162,7 +177,7 @@ class Worker:
             downsample_factor=getattr(p, "downsample_factor", None),
             max_prompt_tokens=getattr(p, "max_prompt_tokens", None),
             max_batch_rows=self.settings.max_batch_rows,
-            constraints=_constraints(p, self.settings),
+            constraints=model_constraints_of(p, self.settings),
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=time.time(),

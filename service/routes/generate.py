@@ -32,13 +32,13 @@ from ldm_serve.contract import (
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
 from ldm_serve.jobstore import check_idempotent_reuse
 from ldm_serve.keys import Caller
+from ldm_serve.limits import SEED_MAX
 from ldm_serve.settings import Settings
 from service.admission import admit, admitted_headers
 from service.bodies import fields_allowance, load_json, read_json, require_media_type
 from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
 from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
 from service.routes.jobs import public_job
-from service.schemas import SEED_MAX
 from service.streams import wait_for_terminal
 
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -136,28 +136,20 @@ async def _submit(
         width, height = inputs[2], inputs[3]
     else:
         width, height = data["width"] or default_size, data["height"] or default_size
-    payload = GenerationPayload(
+    payload = GenerationPayload.from_request(
+        data,
         job_id=new_job_id(),
         kind=kind,
         model=model,
-        prompt=data["prompt"],
-        negative_prompt=data["negative_prompt"],
-        n=data["n"],
         width=width,
         height=height,
-        steps=data["steps"],
-        guidance_scale=data["guidance_scale"],
-        eta=data["eta"],
         seeds=_seeds(data["seed"], data["n"]),
-        output_format=data["output_format"],
-        quality=data["quality"],
-        priority=data["priority"],
         webhook=webhook,
-        metadata=data["metadata"],
         owner=owner,
         created_at=time.time(),
     )
-    quota = await admit(gw, caller, subject, payload)  # 422 / 403 / 429 before anything is stored
+    # 422 (the settings' or the model's limits) / 403 / 429 before anything is stored
+    quota = await admit(gw, caller, subject, payload)
     quota_key = gw.limiter.active_key(subject) if caller.policy.concurrent_jobs else ""
     try:
         if inputs is not None:

@@ -42,6 +42,7 @@ class FakeServingModel(FakeModel):
 
     def __init__(self) -> None:
         super().__init__()
+        self.validated: list[int] = []  # seeds of the rows validate_row saw, in order
 
     @staticmethod
     def _req(row: FakeRow) -> Req:
@@ -52,6 +53,7 @@ class FakeServingModel(FakeModel):
         return len(ddim_timesteps(steps))
 
     def validate_row(self, row: FakeRow, width: int, height: int) -> None:
+        self.validated.append(row.seed)
         super().validate_row(self._req(row), width, height)
 
     def effective_guidance(self, row: FakeRow) -> float:
@@ -241,3 +243,14 @@ def test_engine_metrics_are_exported(settings: Settings) -> None:
     for name in ("ldm_engine_step_seconds_count", "ldm_queue_to_first_step_seconds_count",
                  "ldm_engine_padded_rows_total", "ldm_batch_size_rows_count", "ldm_denoise_step_seconds_count"):
         assert name in text
+
+
+def test_each_row_is_validated_once_by_the_engine(settings: Settings) -> None:
+    worker = make_worker(settings)
+    good = submit(worker.store, "fine", n=2, seed=5)
+    bad = submit(worker.store, "BAD prompt", seed=30)
+    drain(worker)
+    assert worker.pipeline.validated == [5, 6, 30]  # engine.add validates; JobBook.prepare does not repeat it
+    assert status(worker.store, good) == "succeeded"
+    err = json.loads(rec(worker.store, bad)["error"])
+    assert err["type"] == "invalid_input" and err["field"] == "prompt"

@@ -203,3 +203,14 @@ def test_job_canceled_between_pop_and_claim_is_canceled_not_run(settings: Settin
     worker.runner.run([job])
     assert status(store, job) == "canceled" and pipe.calls == []
     assert not store.redis.sismember(store.keys.worker_jobs(worker.name), job)
+
+
+def test_each_row_is_validated_once_and_built_from_the_payload(settings: Settings) -> None:
+    pipe = FakePipeline()
+    worker = make_worker(settings, pipe)
+    jobs = [submit(worker.store, "first", n=2, seed=4), submit(worker.store, "second", steps=5)]
+    drain(worker)
+    assert pipe.calls == [3]
+    assert pipe.validated == ["first", "first", "second"]  # by JobBook.prepare; generate is told not to repeat it
+    assert [status(worker.store, j) for j in jobs] == ["succeeded", "succeeded"]
+    assert int(worker.store.get(jobs[1])["total"]) == 5  # the row got the payload's steps
