@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from ldm_serve.contract import PRIORITY_ORDER, Keys, Priority
+from ldm_serve.jobstore import translate_redis_errors
 
 # KEYS = queue lists (highest priority first) + the worker's running set (last)
 _POP_TO_WORKER = """
@@ -120,6 +121,7 @@ class BatchCollector:
         self.clock = clock
         self.sleep = sleep
 
+    @translate_redis_errors  # a Redis restart is a QueueUnavailable the worker loop waits out, not a crash
     def pop_next(self, timeout_s: int) -> str | None:
         """Wait up to ``timeout_s`` for the next job id, highest priority first.
 
@@ -134,6 +136,7 @@ class BatchCollector:
                 return None
             self.sleep(self.poll_s)
 
+    @translate_redis_errors
     def gather(
         self, key: str, rows_left: int, window_s: float, linger: bool = True, in_order: bool = False
     ) -> list[str]:

@@ -88,3 +88,23 @@ def test_lone_job_does_not_wait_without_linger() -> None:
     assert c.gather("m|64x64", 8, window_s=0.1, linger=False) == []
     c = _collector({0.0: ["a"], 0.02: ["b"]})  # company found at once: the window is used
     assert c.gather("m|64x64", 8, window_s=0.1, linger=False) == ["a", "b"]
+
+
+def test_an_unreachable_redis_is_queue_unavailable_not_a_crash() -> None:
+    """The worker loop waits out QueueUnavailable (Redis restarting); a raw ConnectionError from
+    the collector used to end the worker process (issue 10, found by the `up` supervision work)."""
+    import pytest
+    import redis
+
+    from ldm_serve.contract import Keys, Priority
+    from ldm_serve.errors import QueueUnavailable
+    from tests.serving_support import free_port
+    from worker.batching import BatchCollector
+
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=1)  # nothing listens there
+    keys = Keys("t")
+    collector = BatchCollector(dead, keys, {p: f"q-{p.value}" for p in Priority}, "w1")
+    with pytest.raises(QueueUnavailable):
+        collector.pop_next(timeout_s=0)
+    with pytest.raises(QueueUnavailable):
+        collector.gather("m|64x64", 4, 0.0)
