@@ -95,7 +95,7 @@ def test_missing_keys_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_hash_key_command_prints_a_keys_file_entry() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "hash-key", "--name", "alice"], input="alice-key\n",
+        [sys.executable, "-m", "launcher", "hash-key", "--name", "alice"], input="alice-key\n",
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout
     assert f'sha256 = "{ALICE}"' in out and 'name = "alice"' in out

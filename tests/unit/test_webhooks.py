@@ -316,7 +316,7 @@ def test_backoff_doubles_is_capped_and_honours_retry_after():
 
 def test_delivery_rechecks_the_url_and_refuses_without_sending(monkeypatch):
     """A URL that passed at submission (allow_private then) is re-checked when delivered."""
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig(secret=wh.generate_secret(), allow_private=False))
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig(secret=wh.generate_secret(), allow_private=False))
     record = wh.deliver_webhook(
         url="http://127.0.0.1:9/hook",
         event=wh.WebhookEvent("job.succeeded", {"id": "j1"}).to_dict(),
@@ -327,13 +327,13 @@ def test_delivery_rechecks_the_url_and_refuses_without_sending(monkeypatch):
 
 
 def test_delivery_without_a_secret_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig())
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig())
     with pytest.raises(RuntimeError, match="configure_delivery"):
         wh.deliver_webhook(url="http://127.0.0.1/", event={"type": "job.started"}, webhook_id="m", job_id="j")
 
 
 def test_configure_delivery_validates_the_secret(monkeypatch):
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig())
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig())
     with pytest.raises(InvalidInput, match="webhook_secret"):
         wh.configure_delivery(wh.DeliveryConfig(secret="not-a-secret"))
 
