@@ -31,10 +31,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from launcher.supervisor import Child, FatalChildExit, Supervisor
 from ldm_serve.errors import QueueUnavailable
 from ldm_serve.jobstore import JobStore
 from ldm_serve.settings import Settings
-from launcher.supervisor import Child, FatalChildExit, Supervisor
 
 log = logging.getLogger("ldm_serve.up")
 

@@ -31,7 +31,7 @@ from rq.serializers import JSONSerializer
 from ldm_serve.contract import Keys
 from ldm_serve.errors import InvalidInput
 from ldm_serve.webhooks.events import WebhookEvent, encode_event, utc_now_iso
-from ldm_serve.webhooks.signing import Secrets, as_secret_list, secret_key_bytes, build_headers
+from ldm_serve.webhooks.signing import Secrets, as_secret_list, build_headers, secret_key_bytes
 from ldm_serve.webhooks.targets import WebhookTarget, check_webhook_target
 
 DEFAULT_QUEUE = "ldm-webhooks"

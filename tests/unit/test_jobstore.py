@@ -9,7 +9,14 @@ import redis
 from ldm_serve.contract import new_job_id
 from ldm_serve.embedded_redis import free_port
 from ldm_serve.errors import InvalidInput, JobNotFound, QueueUnavailable
-from ldm_serve.jobstore import JobStore, check_idempotent_reuse, check_job_id, connect, terminal, translate_redis_errors
+from ldm_serve.jobstore import (
+    JobStore,
+    check_idempotent_reuse,
+    check_job_id,
+    connect,
+    terminal,
+    translate_redis_errors,
+)
 from ldm_serve.settings import Settings
 
 
