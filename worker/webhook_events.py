@@ -16,7 +16,7 @@ from ldm_serve.contract import GenerationPayload, WebhookEventType, webhook_queu
 from ldm_serve.jobstore import JobStore
 from ldm_serve.jobview import job_view
 from ldm_serve.settings import Settings
-from ldm_serve.signing import url_signer
+from ldm_serve.signed_urls import url_signer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def _cmd_hash_key(args: argparse.Namespace) -> int:
-    from ldm_serve.keys import hash_key, new_key
+    from ldm_serve.api_keys import hash_key, new_key
 
     if args.new:
         key = new_key()

@@ -2,7 +2,7 @@
 
 A ``whsec_<base64 key>`` secret; ``webhook-signature: v1,<base64 HMAC-SHA256(key,
 f"{id}.{timestamp}.{body}")>``; several space-separated signatures allow key rotation.
-(Signed *result URLs* are another thing: :mod:`ldm_serve.signing`.)
+(Signed *result URLs* are another thing: :mod:`ldm_serve.signed_urls`.)
 """
 
 from __future__ import annotations

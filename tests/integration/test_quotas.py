@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from ldm_serve.api_keys import KeyPolicy
 from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, new_job_id
 from ldm_serve.errors import JobNotFound
 from ldm_serve.jobstore import JobStore, connect
-from ldm_serve.keys import KeyPolicy
 from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.settings import Settings
 from tests.serving_support import redis_for_tests, require_redis
