@@ -1,4 +1,4 @@
-"""``ldm-serve``: the command-line entry point (``[project.scripts]``).
+"""The ``ldm-serve`` command line (the ``[project.scripts]`` entry point).
 
 ``generate`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
 ``worker`` run the service; ``export-onnx`` and ``hash-key`` are tools.

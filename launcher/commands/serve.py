@@ -268,7 +268,7 @@ def _clear_notes(store: JobStore) -> None:
 
 def add_commands(subparsers: Any) -> None:
     """Add ``up``, ``gateway`` and ``worker`` to the ``ldm-serve`` parser."""
-    up = subparsers.add_parser("up", help="embedded Valkey (unless REDIS_URL) + gateway + one worker")
+    up = subparsers.add_parser("up", help="embedded Valkey (unless LDM_REDIS_URL or REDIS_URL) + gateway + one worker")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
