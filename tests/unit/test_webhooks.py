@@ -360,3 +360,11 @@ def test_event_filter():
     for terminal in ("job.succeeded", "job.failed", "job.canceled", "job.expired"):
         assert wh.event_selected(terminal, ["completed"])
     assert not wh.event_selected("job.failed", ["succeeded"])
+
+
+def test_delivery_jobs_queued_under_the_old_path_still_resolve() -> None:
+    """RQ stores the function's dotted path; jobs queued before the split named ``ldm_serve.webhooks``."""
+    from rq.utils import import_attribute
+
+    assert wh.DELIVER_FUNC == "ldm_serve.webhooks.delivery.deliver_webhook"
+    assert import_attribute(wh.DELIVER_FUNC) is import_attribute("ldm_serve.webhooks.deliver_webhook")
