@@ -28,13 +28,13 @@ from redis import Redis
 from rq import Queue, get_current_job
 from rq.serializers import JSONSerializer
 
-from ldm_serve.contract import Keys
+from ldm_serve.contract import Keys, webhook_queue_name
 from ldm_serve.errors import InvalidInput
 from ldm_serve.webhooks.events import WebhookEvent, encode_event, utc_now_iso
 from ldm_serve.webhooks.signing import Secrets, as_secret_list, build_headers, secret_key_bytes
 from ldm_serve.webhooks.targets import WebhookTarget, check_webhook_target
 
-DEFAULT_QUEUE = "ldm-webhooks"
+DEFAULT_QUEUE = webhook_queue_name(Keys().prefix)  # "ldm-webhooks"; the worker uses its own prefix's
 # RQ records this dotted path; ``ldm_serve.webhooks.deliver_webhook`` (the name before the split,
 # still re-exported by the package) resolves to the same function for jobs queued by older code.
 DELIVER_FUNC = "ldm_serve.webhooks.delivery.deliver_webhook"
