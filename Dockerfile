@@ -27,6 +27,7 @@ COPY ldm ./ldm
 COPY ldm_serve ./ldm_serve
 COPY service ./service
 COPY worker ./worker
+COPY launcher ./launcher
 RUN /opt/venv/bin/pip install --no-cache-dir . && /opt/venv/bin/pip check
 
 FROM venv AS builder-cuda
@@ -42,6 +43,7 @@ COPY ldm ./ldm
 COPY ldm_serve ./ldm_serve
 COPY service ./service
 COPY worker ./worker
+COPY launcher ./launcher
 RUN /opt/venv/bin/pip install --no-cache-dir . && /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------------------------------------------

@@ -233,15 +233,13 @@ def report(args: argparse.Namespace, results: list[ModeResult], model: Path) -> 
 
 
 def default_model(tmp: Path) -> Path:
-    from ldm_serve.models import bundled_model_path
+    """The bundled model, else the cached tiny random one (``worker.default_model``)."""
+    from worker.default_model import default_model as resolve
 
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return bundled
-    from ldm.random_model import write_random_model
-
-    print("no bundled model installed: using a tiny random model", file=sys.stderr)
-    return write_random_model(tmp / "model")
+    model = resolve()
+    if model.untrained:
+        print("no bundled model installed: using a tiny random model", file=sys.stderr)
+    return model.path
 
 
 def main() -> int:
@@ -271,18 +269,10 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="load-bench-"))
     model = Path(args.model) if args.model else default_model(tmp)
-    embedded = None
-    redis_url = os.environ.get("REDIS_URL") or os.environ.get("LDM_REDIS_URL")
-    if not redis_url:
-        from ldm_serve.embedded_redis import start_embedded_redis
+    from ldm_serve.embedded_redis import redis_or_embedded
 
-        embedded = start_embedded_redis(tmp / "valkey")
-        redis_url = embedded.url
-    try:
+    with redis_or_embedded(tmp / "valkey") as (redis_url, _):
         results = [bench_mode(mode, args, model, redis_url, tmp) for mode in args.modes]
-    finally:
-        if embedded is not None:
-            embedded.stop()
     text = report(args, results, model)
     print(text)
     print(f"(logs in {tmp})", file=sys.stderr)

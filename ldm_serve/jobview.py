@@ -42,7 +42,7 @@ def job_view(
 ) -> dict[str, Any]:
     """Public job dict from the record hash written by :class:`ldm_serve.jobstore.JobStore`.
 
-    ``signer`` (:func:`ldm_serve.signing.url_signer`) makes image and events links absolute
+    ``signer`` (:func:`ldm_serve.signed_urls.url_signer`) makes image and events links absolute
     signed URLs that work without an API key.
     """
     payload = GenerationPayload.model_validate_json(rec["payload"])

@@ -1,4 +1,8 @@
-"""Where the models that ship with ldm-serve live (torch-free)."""
+"""Where the models that ship with ldm-serve live, and the per-user cache and data folders (torch-free).
+
+Which model to serve when none is given (bundled, else the cached random one) is decided in
+:mod:`worker.default_model`, which can import ``ldm``.
+"""
 
 from __future__ import annotations
 
@@ -27,14 +31,3 @@ def data_dir() -> Path:
     """Per-user data folder (``$XDG_DATA_HOME/ldm-serve``, else ``~/.local/share/ldm-serve``)."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "ldm-serve"
-
-
-def random_model_path(directory: Path | None = None) -> Path:
-    """Write (once) and return the tiny untrained fallback model."""
-    from ldm.random_model import write_random_model
-
-    directory = directory or cache_dir() / "random-untrained"
-    ckpt = directory / "random-untrained.safetensors"
-    if not ckpt.is_file():
-        write_random_model(directory)
-    return ckpt

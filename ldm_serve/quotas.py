@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import redis
 
+from ldm_serve.api_keys import KeyPolicy
 from ldm_serve.contract import TERMINAL_STATUSES, Keys
-from ldm_serve.keys import KeyPolicy
 
 WINDOW_S = 60
 
@@ -137,7 +137,7 @@ class QuotaDecision:
 
 
 class QuotaLimiter:
-    """Atomic admission of jobs against a :class:`~ldm_serve.keys.KeyPolicy`."""
+    """Atomic admission of jobs against a :class:`~ldm_serve.api_keys.KeyPolicy`."""
 
     def __init__(self, connection: redis.Redis, keys: Keys) -> None:
         self._redis = connection

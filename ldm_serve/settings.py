@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # --- auth ----------------------------------------------------------------------------
     api_keys: str = Field(default="", description="comma-separated bearer keys; empty = no auth")
     api_keys_file: Path | None = Field(
-        default=None, description="JSON or TOML file of sha256-hashed keys with per-key policies (ldm_serve/keys.py)"
+        default=None, description="JSON or TOML file of sha256-hashed keys with per-key policies (ldm_serve/api_keys.py)"
     )
     metrics_require_admin: bool = Field(default=False, description="/metrics only for keys with admin = true")
 

@@ -14,9 +14,9 @@ refused job costs nothing and is never stored:
 
 from __future__ import annotations
 
+from ldm_serve.api_keys import Caller
 from ldm_serve.contract import GenerationPayload, Priority
 from ldm_serve.errors import Forbidden, InvalidInput, RateLimited
-from ldm_serve.keys import Caller
 from ldm_serve.model_limits import check_request
 from ldm_serve.quotas import WINDOW_S, QuotaDecision
 from service.deps import Gateway

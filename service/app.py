@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
+from ldm_serve.api_keys import load_keyring
 from ldm_serve.errors import (
     InternalError,
     InvalidInput,
@@ -37,11 +38,10 @@ from ldm_serve.errors import (
     Unauthorized,
 )
 from ldm_serve.jobstore import JobStore, connect
-from ldm_serve.keys import load_keyring
 from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
-from ldm_serve.signing import url_signer
+from ldm_serve.signed_urls import url_signer
 from service.admission import rate_limit_headers
 from service.bodies import BodyLimitMiddleware, body_limit
 from service.deps import Gateway

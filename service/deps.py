@@ -10,13 +10,13 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
+from ldm_serve.api_keys import Caller, KeyRing
 from ldm_serve.errors import JobNotFound, QueueUnavailable, Unauthorized
 from ldm_serve.jobstore import JobStore, check_job_id
-from ldm_serve.keys import Caller, KeyRing
 from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.results import ResultStore
 from ldm_serve.settings import Settings
-from ldm_serve.signing import UrlSigner
+from ldm_serve.signed_urls import UrlSigner
 from service.metrics import GatewayMetrics
 from service.schemas import Schemas
 
@@ -31,7 +31,7 @@ class Gateway:
     results: ResultStore
     schemas: Schemas
     metrics: GatewayMetrics
-    keyring: KeyRing  # accepted keys and their policies (ldm_serve.keys)
+    keyring: KeyRing  # accepted keys and their policies (ldm_serve.api_keys)
     limiter: QuotaLimiter  # per-key quotas (ldm_serve.quotas)
     signer: UrlSigner | None = None  # signed absolute result URLs, when public_base_url is set
 

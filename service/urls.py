@@ -1,4 +1,4 @@
-"""Access to a job's images and events by API key or by a signed URL (:mod:`ldm_serve.signing`).
+"""Access to a job's images and events by API key or by a signed URL (:mod:`ldm_serve.signed_urls`).
 
 A request carrying ``expires`` and ``signature`` query parameters is checked against the
 path it asks for; a valid, unexpired signature stands for the job's owner (no
@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 
 from ldm_serve.errors import Forbidden
-from ldm_serve.signing import verify
+from ldm_serve.signed_urls import verify
 from service.deps import GatewayDep, current_caller
 
 

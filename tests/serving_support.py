@@ -96,7 +96,7 @@ def child_env(**settings: Any) -> dict[str, str]:
 def start_process(args: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115 - closed by the OS when the child exits
     return subprocess.Popen(
-        [sys.executable, "-m", "ldm_serve.serving_cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "launcher", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
 

@@ -52,14 +52,9 @@ def load_model(settings: Settings, cache_dir: Path | None = None) -> Any:
 
     quiet_openmp_for_core_workers(settings.device, settings.core_workers)  # before torch loads
     from ldm.pipeline import load_pipeline
-    from ldm_serve.models import bundled_model_path
+    from worker.default_model import default_model
 
-    path = settings.model_path or bundled_model_path()
-    if path is None:
-        from ldm.random_model import write_random_model
-
-        cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-serve" / "random"
-        path = write_random_model(cache)
+    path = settings.model_path or default_model(cache_dir).path
     import torch
 
     pipeline = load_pipeline(

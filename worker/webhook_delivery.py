@@ -1,7 +1,7 @@
 """Running webhook deliveries in a thread of the worker process.
 
 Deliveries are short HTTP calls on their own RQ queue (``{prefix}-webhooks``);
-``ldm_serve.webhooks.WebhookWorker`` drains that queue and moves due retries
+``ldm_serve.webhooks.runner.WebhookWorker`` drains that queue and moves due retries
 out of RQ's schedule, without forking and without touching signal handlers, so
 it can share the generation worker's process. Real deployments may instead run
 ``rq worker -w worker.webhook_delivery.ConfiguredWebhookWorker --with-scheduler

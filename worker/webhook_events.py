@@ -1,8 +1,9 @@
 """Turning job transitions into webhook deliveries on their own RQ queue.
 
 The worker never makes HTTP calls itself: it builds the Standard-Webhooks event
-envelope and enqueues one delivery job per event on ``{prefix}-webhooks``; the
-delivery function (``ldm_serve.webhooks``) signs, posts and retries.
+envelope (with ``ldm_serve.webhooks.events.WebhookEvent``, the one builder) and enqueues one
+delivery job per event on ``{prefix}-webhooks``; the delivery function
+(``ldm_serve.webhooks.delivery``) signs, posts and retries.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 from ldm_serve.contract import GenerationPayload, WebhookEventType, webhook_queue_name
 from ldm_serve.jobstore import JobStore
 from ldm_serve.jobview import job_view
 from ldm_serve.settings import Settings
-from ldm_serve.signing import url_signer
+from ldm_serve.signed_urls import url_signer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class WebhookEmitter:
 
     def emit(self, payload: GenerationPayload, event: WebhookEventType) -> bool:
         """Enqueue ``event`` for the job if its webhook filter includes it. Returns whether it did."""
-        from ldm_serve.webhooks import enqueue_webhook
+        from ldm_serve.webhooks.delivery import enqueue_webhook
+        from ldm_serve.webhooks.events import WebhookEvent
 
         hook = payload.webhook
         if hook is None or event not in hook.events:
@@ -60,11 +61,7 @@ class WebhookEmitter:
         if event is WebhookEventType.COMPLETED:
             self._last_progress.pop(payload.job_id, None)
         rec = self.store.get(payload.job_id)
-        body = {
-            "type": event_type(event, rec["status"]),
-            "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-            "data": job_view(rec, signer=self._signer),
-        }
+        body = WebhookEvent(event_type(event, rec["status"]), job_view(rec, signer=self._signer))
         enqueue_webhook(
             self.store.redis,
             job_id=payload.job_id,

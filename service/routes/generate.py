@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from ldm_serve.api_keys import Caller
 from ldm_serve.contract import (
     GenerationPayload,
     JobKind,
@@ -31,7 +32,6 @@ from ldm_serve.contract import (
 )
 from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
 from ldm_serve.jobstore import check_idempotent_reuse
-from ldm_serve.keys import Caller
 from ldm_serve.limits import SEED_MAX
 from ldm_serve.settings import Settings
 from service.admission import admit, admitted_headers

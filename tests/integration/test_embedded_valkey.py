@@ -143,3 +143,11 @@ def test_persistence_survives_a_kill_and_restart_keeps_the_port(tmp_path):
     again = EmbeddedValkey(dir=tmp_path / "data", persistence=True)  # a new process on the same directory
     with again:
         assert redis.Redis.from_url(again.url).llen("queue") == 2
+
+
+def test_redis_or_embedded_starts_one_only_when_no_redis_is_configured(tmp_path):
+    with embedded_redis.redis_or_embedded(tmp_path / "valkey", env={}) as (url, server):
+        assert server is not None and server.is_running() and url == server.url
+        assert redis.Redis.from_url(url, retry=NO_RETRY).ping()
+        pid = server.pid
+    assert not server.is_running() and not _alive(pid)

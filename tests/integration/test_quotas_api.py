@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from ldm_serve.keys import hash_key
+from ldm_serve.api_keys import hash_key
 from tests.integration.conftest import COMMON, Service, start_gateway
 from tests.serving_support import child_env, stop_process, wait_until
 

@@ -32,7 +32,7 @@ def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
 
 def _start_up(port: int, model: Path, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "ldm_serve.serving_cli", "up", "--port", str(port), "--model", str(model), *extra],
+        [sys.executable, "-m", "launcher", "up", "--port", str(port), "--model", str(model), *extra],
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
     )
 

@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ldm_serve import webhooks as wh
+from ldm_serve.contract import Keys
 from ldm_serve.embedded_redis import EmbeddedValkey
 from tests.serving_support import ROOT
 
@@ -61,7 +62,7 @@ def secret(monkeypatch) -> str:
     config = wh.DeliveryConfig(
         secret=value, allow_private=True, timeout_s=3.0, max_attempts=3, base_delay_s=0.2, jitter=0.0
     )
-    monkeypatch.setattr(wh, "_config", config)
+    monkeypatch.setattr(wh.delivery, "_config", config)
     return value
 
 
@@ -99,7 +100,7 @@ class Receiver:
 
 
 def _records(conn: redis.Redis, job_id: str) -> list[dict]:
-    return wh.read_delivery_attempts(conn, wh.attempts_key(job_id))
+    return [json.loads(raw) for raw in conn.lrange(Keys().webhook_attempts(job_id), 0, -1)]
 
 
 def _run_until(done, tick, timeout_s: float = 30.0) -> None:
@@ -144,7 +145,7 @@ def test_retry_after_500_with_valid_signatures(conn, secret):
     ]
     assert records[0]["error"] == "HTTP 500" and "next_attempt_at" in records[0]
     assert all(r["webhook_id"] == msg_id and r["event_type"] == "job.succeeded" for r in records)
-    assert 0 < conn.ttl(wh.attempts_key("job-1")) <= wh.get_delivery_config().record_ttl_s
+    assert 0 < conn.ttl(Keys().webhook_attempts("job-1")) <= wh.get_delivery_config().record_ttl_s
     assert _metric("delivered") == delivered_before + 1 and _metric("retrying") == retrying_before + 1
 
 

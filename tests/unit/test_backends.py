@@ -316,7 +316,7 @@ def test_cli_export_onnx_writes_the_files(
     random_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     pytest.importorskip("onnxruntime")
-    from ldm_serve.cli import main
+    from launcher.main import main
 
     out = tmp_path / "onnx"
     rc = main(["export-onnx", "--model", str(random_ckpt), "--out", str(out), "--width", "32", "--height", "32",

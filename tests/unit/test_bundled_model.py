@@ -116,7 +116,7 @@ def test_generate_command_defaults_to_the_bundled_model(tmp_path: Path) -> None:
 
     out = tmp_path / "star.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "generate", "--prompt",
+        [sys.executable, "-m", "launcher", "generate", "--prompt",
          "a big yellow star in the centre, on a black background", "--steps", "10", "--seed", "1", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )  # fmt: skip
@@ -127,7 +127,7 @@ def test_generate_command_defaults_to_the_bundled_model(tmp_path: Path) -> None:
 
 
 def test_worker_and_up_default_to_the_bundled_model() -> None:
-    from ldm_serve.serving_cli import _default_model
+    from launcher.commands.serve import _default_model
     from ldm_serve.settings import Settings
     from worker.main import load_model
 

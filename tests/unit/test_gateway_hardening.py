@@ -10,14 +10,13 @@ from pydantic import ValidationError
 
 from ldm_serve.contract import is_job_id, new_job_id
 from ldm_serve.errors import InvalidInput, JobNotFound, PayloadTooLarge, UnsupportedMediaType
-from ldm_serve.jobstore import JobStore, check_job_id, connect
+from ldm_serve.jobstore import check_job_id
 from ldm_serve.settings import Settings
 from service.app import error_response
 from service.bodies import body_limit, check_json_depth, json_depth, load_json
 from service.images import clean_error, load_image
 from service.routes.generate import _first_error, _form_value, parse_prefer_wait
 from service.schemas import build_schemas
-from tests.serving_support import redis_for_tests, require_redis
 
 
 def test_job_id_format() -> None:
@@ -29,22 +28,6 @@ def test_job_id_format() -> None:
         assert not is_job_id(bad), bad
         with pytest.raises(JobNotFound):
             check_job_id(bad)  # type: ignore[arg-type]
-
-
-@pytest.mark.integration
-def test_jobstore_reads_refuse_malformed_ids_before_redis() -> None:
-    url = redis_for_tests()
-    client = require_redis(url)
-    settings = Settings(redis_url=url, redis_prefix="hard")
-    store = JobStore(connect(settings), settings)
-    job_id = new_job_id()
-    # A key of the wrong type where a malformed id would point: reaching Redis would be WRONGTYPE.
-    client.xadd(f"hard:job:{job_id}:events", {"type": "status", "data": "{}"})
-    for read in (store.get, store.payload, store.webhook_attempts, store.cancel):
-        with pytest.raises(JobNotFound, match="not a job id"):
-            read(f"{job_id}:events")
-    with pytest.raises(JobNotFound):
-        store.queue_position(f"{job_id}:events", "m", "normal")
 
 
 def test_json_depth_is_checked_before_parsing() -> None:

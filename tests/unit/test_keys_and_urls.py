@@ -1,4 +1,4 @@
-"""Key policies (ldm_serve.keys), signed URLs (ldm_serve.signing) and model size bounds
+"""Key policies (ldm_serve.api_keys), signed URLs (ldm_serve.signed_urls) and model size bounds
 (ldm_serve.model_limits): pure functions, no Redis."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from ldm_serve.api_keys import hash_key, load_keyring
 from ldm_serve.contract import GenerationPayload, JobKind
 from ldm_serve.errors import ConfigError, InvalidInput
 from ldm_serve.jobview import job_view
-from ldm_serve.keys import hash_key, load_keyring
 from ldm_serve.model_limits import check_size, model_constraints
 from ldm_serve.settings import Settings, owner_of
-from ldm_serve.signing import sign_url, url_signer, verify
+from ldm_serve.signed_urls import sign_url, url_signer, verify
 from tests.serving_support import ROOT
 
 ALICE = hash_key("alice-key")
@@ -95,7 +95,7 @@ def test_missing_keys_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_hash_key_command_prints_a_keys_file_entry() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "hash-key", "--name", "alice"], input="alice-key\n",
+        [sys.executable, "-m", "launcher", "hash-key", "--name", "alice"], input="alice-key\n",
         capture_output=True, text=True, cwd=ROOT, check=True,
     ).stdout
     assert f'sha256 = "{ALICE}"' in out and 'name = "alice"' in out

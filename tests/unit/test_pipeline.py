@@ -195,7 +195,7 @@ def test_cli_generate_writes_pngs(tmp_path: Path) -> None:
     ckpt = write_random_model(tmp_path / "m")
     out = tmp_path / "out.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "generate", "--checkpoint", str(ckpt), "--prompt", "a red circle",
+        [sys.executable, "-m", "launcher", "generate", "--checkpoint", str(ckpt), "--prompt", "a red circle",
          "--steps", "2", "--n", "2", "--seed", "7", "--width", "32", "--height", "64", "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -209,7 +209,7 @@ def test_cli_generate_writes_pngs(tmp_path: Path) -> None:
 def test_cli_reports_bad_input_as_error(tmp_path: Path) -> None:
     ckpt = write_random_model(tmp_path / "m")
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "generate", "--checkpoint", str(ckpt), "--width", "33",
+        [sys.executable, "-m", "launcher", "generate", "--checkpoint", str(ckpt), "--width", "33",
          "--out", str(tmp_path / "x.png")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -222,7 +222,7 @@ def test_cli_inpaint_keeps_unmasked_pixels(tmp_path: Path) -> None:
     box_mask().save(tmp_path / "mask.png")
     out = tmp_path / "out.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "ldm_serve.cli", "inpaint", "--checkpoint", str(ckpt), "--image",
+        [sys.executable, "-m", "launcher", "inpaint", "--checkpoint", str(ckpt), "--image",
          str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--prompt", "a red circle",
          "--steps", "2", "--seed", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=120,

@@ -1,4 +1,4 @@
-"""The restart policy of ``ldm-serve up`` (ldm_serve.supervisor) on stand-in processes and a manual clock."""
+"""The restart policy of ``ldm-serve up`` (launcher.supervisor) on stand-in processes and a manual clock."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from ldm_serve.supervisor import Backoff, Child, FatalChildExit, Supervisor
+from launcher.supervisor import Backoff, Child, FatalChildExit, Supervisor
 
 _pids = itertools.count(1000)
 

@@ -188,7 +188,7 @@ def test_cli_text_encoder_flag(sd1, tmp_path: Path) -> None:
     te = tmp_path / "te.safetensors"
     save_file(text, str(te))
     out = tmp_path / "out.png"
-    base = [sys.executable, "-m", "ldm_serve.cli", "generate", "--checkpoint", str(pruned), "--prompt", "a cat",
+    base = [sys.executable, "-m", "launcher", "generate", "--checkpoint", str(pruned), "--prompt", "a cat",
             "--steps", "2", "--seed", "1", "--width", "64", "--height", "64", "--out", str(out)]  # fmt: skip
     refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "--text-encoder" in refused.stderr

@@ -316,7 +316,7 @@ def test_backoff_doubles_is_capped_and_honours_retry_after():
 
 def test_delivery_rechecks_the_url_and_refuses_without_sending(monkeypatch):
     """A URL that passed at submission (allow_private then) is re-checked when delivered."""
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig(secret=wh.generate_secret(), allow_private=False))
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig(secret=wh.generate_secret(), allow_private=False))
     record = wh.deliver_webhook(
         url="http://127.0.0.1:9/hook",
         event=wh.WebhookEvent("job.succeeded", {"id": "j1"}).to_dict(),
@@ -327,13 +327,13 @@ def test_delivery_rechecks_the_url_and_refuses_without_sending(monkeypatch):
 
 
 def test_delivery_without_a_secret_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig())
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig())
     with pytest.raises(RuntimeError, match="configure_delivery"):
         wh.deliver_webhook(url="http://127.0.0.1/", event={"type": "job.started"}, webhook_id="m", job_id="j")
 
 
 def test_configure_delivery_validates_the_secret(monkeypatch):
-    monkeypatch.setattr(wh, "_config", wh.DeliveryConfig())
+    monkeypatch.setattr(wh.delivery, "_config", wh.DeliveryConfig())
     with pytest.raises(InvalidInput, match="webhook_secret"):
         wh.configure_delivery(wh.DeliveryConfig(secret="not-a-secret"))
 
@@ -360,3 +360,11 @@ def test_event_filter():
     for terminal in ("job.succeeded", "job.failed", "job.canceled", "job.expired"):
         assert wh.event_selected(terminal, ["completed"])
     assert not wh.event_selected("job.failed", ["succeeded"])
+
+
+def test_delivery_jobs_queued_under_the_old_path_still_resolve() -> None:
+    """RQ stores the function's dotted path; jobs queued before the split named ``ldm_serve.webhooks``."""
+    from rq.utils import import_attribute
+
+    assert wh.DELIVER_FUNC == "ldm_serve.webhooks.delivery.deliver_webhook"
+    assert import_attribute(wh.DELIVER_FUNC) is import_attribute("ldm_serve.webhooks.deliver_webhook")

@@ -5,14 +5,15 @@ Times are passed explicitly (``now=``) so that refills are tested without sleepi
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
+from ldm_serve.api_keys import KeyPolicy
 from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, new_job_id
 from ldm_serve.errors import JobNotFound
 from ldm_serve.jobstore import JobStore, connect
-from ldm_serve.keys import KeyPolicy
 from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.settings import Settings
 from tests.serving_support import redis_for_tests, require_redis
@@ -208,6 +209,9 @@ def test_webhook_payloads_carry_signed_image_urls_when_enabled(store: JobStore) 
     url = event["data"]["images"][0]["url"]
     assert url.startswith(f"https://img.example.com/v1/jobs/{payload.job_id}/images/0?expires=")
     assert "&signature=" in url
+    # the one envelope builder (ldm_serve.webhooks.events.WebhookEvent): UTC, milliseconds, "Z"
+    assert event["type"] == "job.succeeded" and set(event) == {"type", "timestamp", "data"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["timestamp"]), event["timestamp"]
 
 
 def test_request_delete_never_recreates_a_deleted_record(store: JobStore, limiter: QuotaLimiter) -> None:

@@ -1,8 +1,6 @@
-"""The ``ldm-serve`` command line.
+"""``ldm-serve generate | inpaint | export-onnx``: a model in-process, no queue.
 
-``generate`` and ``inpaint`` run a model in-process (no queue); ``up``,
-``gateway`` and ``worker`` (from :mod:`ldm_serve.serving_cli`) run the service.
-Heavy imports (torch, FastAPI) happen inside the subcommands so ``--help`` is fast.
+Heavy imports (torch) happen inside the subcommands so ``--help`` is fast.
 """
 
 from __future__ import annotations
@@ -10,29 +8,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-
-from ldm_serve.errors import LdmServeError
-
-
-def default_model_path() -> Path | None:
-    """The bundled model shipped with the package, if present."""
-    from ldm_serve.models import bundled_model_path
-
-    return bundled_model_path()
+from typing import Any
 
 
 def _resolve_checkpoint(arg: str | None) -> tuple[Path, bool]:
     """(checkpoint path, is_fallback_random_model)."""
     if arg:
         return Path(arg), False
-    bundled = default_model_path()
-    if bundled is not None:
-        return bundled, False
-    from ldm_serve.models import random_model_path
+    from worker.default_model import default_model
 
-    return random_model_path(), True
+    model = default_model()
+    return model.path, model.untrained
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -144,25 +131,8 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_hash_key(args: argparse.Namespace) -> int:
-    from ldm_serve.keys import hash_key, new_key
-
-    if args.new:
-        key = new_key()
-        print(f"key (give it to the client; it is not stored): {key}", file=sys.stderr)
-    else:
-        key = args.key if args.key is not None else sys.stdin.readline().strip()
-    if not key:
-        print("error: empty key", file=sys.stderr)
-        return 2
-    print(f'[[keys]]\nname = "{args.name}"\nsha256 = "{hash_key(key)}"')
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: Any) -> None:
+    """Add ``generate``, ``inpaint`` and ``export-onnx`` to the ``ldm-serve`` parser."""
     gen = sub.add_parser("generate", help="text-to-image in-process, written to PNG files")
     _add_model_args(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's training size")
@@ -191,30 +161,3 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=None)
     onnx.add_argument("--check", action="store_true", help="run both files with onnxruntime and compare with eager")
     onnx.set_defaults(func=_cmd_export_onnx)
-
-    hk = sub.add_parser("hash-key", help="print the sha256 of an API key for LDM_API_KEYS_FILE (--new: make one)")
-    hk.add_argument("key", nargs="?", help="the key (default: read from stdin)")
-    hk.add_argument("--new", action="store_true", help="generate a random key and print it with its hash")
-    hk.add_argument("--name", default="my-key", help="name for the printed keys-file entry")
-    hk.set_defaults(func=_cmd_hash_key)
-
-    try:
-        from ldm_serve.serving_cli import add_serving_commands
-    except ImportError:  # the serving extras are not installed
-        pass
-    else:
-        add_serving_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LdmServeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

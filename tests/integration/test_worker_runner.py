@@ -1,6 +1,6 @@
 """Worker logic (request batching, isolation, cancel, recovery) on a real Redis with a stand-in pipeline.
 
-Continuous batching (the default) has its own tests in tests/unit/test_worker_continuous.py.
+Continuous batching (the default) has its own tests in tests/integration/test_worker_continuous.py.
 
 The stand-in keeps these tests torch-free and fast; the real model runs in tests/integration.
 """

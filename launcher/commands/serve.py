@@ -1,10 +1,10 @@
 """``ldm-serve up | gateway | worker``: running the service.
 
-``up`` is the zero-configuration path: without ``REDIS_URL`` it starts an embedded
+``up`` is the zero-configuration path: without ``LDM_REDIS_URL`` or ``REDIS_URL`` it starts an embedded
 Valkey server (append-only file in ``--data-dir``, so queued jobs survive a restart),
 then the gateway and one worker as child processes, waits until the gateway is
 ready, prints the URL, and supervises: a child that exits is restarted with
-capped exponential backoff (:mod:`ldm_serve.supervisor`) while the others keep
+capped exponential backoff (:mod:`launcher.supervisor`) while the others keep
 running, and ``/readyz`` says why it is not ready meanwhile. Ctrl-C / SIGTERM shut
 everything down in order (gateway, then worker after its current batch, then Valkey);
 if ``up`` itself is killed, the children get SIGTERM from the kernel.
@@ -28,14 +28,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from launcher.supervisor import Child, FatalChildExit, Supervisor
 from ldm_serve.errors import QueueUnavailable
 from ldm_serve.jobstore import JobStore
 from ldm_serve.settings import Settings
-from ldm_serve.supervisor import Child, FatalChildExit, Supervisor
 
 log = logging.getLogger("ldm_serve.up")
 
@@ -73,15 +72,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _default_model() -> Path:
-    """The bundled model, else the tiny untrained one (written to the cache once)."""
-    from ldm_serve.models import bundled_model_path, random_model_path
+    """The bundled model, else the tiny untrained one (``worker.default_model``: written to the cache once)."""
+    from worker.default_model import default_model
 
-    bundled = bundled_model_path()
-    if bundled is not None:
-        return bundled
-    print("WARNING: no trained model is installed; serving a tiny RANDOM, UNTRAINED model "
-          "(images are noise). Pass --model PATH for real output.", file=sys.stderr)
-    return random_model_path()
+    model = default_model()
+    if model.untrained:
+        print("WARNING: no trained model is installed; serving a tiny RANDOM, UNTRAINED model "
+              "(images are noise). Pass --model PATH for real output.", file=sys.stderr)
+    return model.path
 
 
 def _ready(url: str) -> bool:
@@ -164,11 +162,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     # set explicitly, since a shell starting us in the background ignores SIGINT.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    from ldm_serve.embedded_redis import EmbeddedValkey, sigterm_on_parent_death
+    from ldm_serve.embedded_redis import EmbeddedValkey, configured_redis_url, sigterm_on_parent_death
     from ldm_serve.models import data_dir as default_data_dir
 
     env = dict(os.environ)
-    redis_url = env.get("LDM_REDIS_URL") or env.get("REDIS_URL")
+    redis_url = configured_redis_url(env)
     embedded: EmbeddedValkey | None = None
     lock_fd: int | None = None
     sup: Supervisor | None = None
@@ -193,7 +191,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"redis_url": redis_url})
         store = _note_store(redis_url, settings)
         env["LDM_REDIS_URL"] = redis_url
-        child = [sys.executable, "-m", "ldm_serve.serving_cli"]
+        child = [sys.executable, "-m", "launcher"]
         # Own sessions: Ctrl-C reaches only this process, which stops the children in order.
         spawn: dict[str, Any] = {"env": env, "start_new_session": True}
         if sys.platform.startswith("linux"):
@@ -268,9 +266,9 @@ def _clear_notes(store: JobStore) -> None:
         pass
 
 
-def add_serving_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Add ``up``, ``gateway`` and ``worker`` to the ``ldm-serve`` parser."""
-    up = subparsers.add_parser("up", help="embedded Valkey (unless REDIS_URL) + gateway + one worker")
+    up = subparsers.add_parser("up", help="embedded Valkey (unless LDM_REDIS_URL or REDIS_URL) + gateway + one worker")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
@@ -299,14 +297,3 @@ def add_serving_commands(subparsers: Any) -> None:
     wk.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     wk.set_defaults(func=_cmd_worker)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one serving subcommand (used for the child processes of ``up``)."""
-    parser = argparse.ArgumentParser(prog="ldm-serve")
-    add_serving_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
