@@ -186,9 +186,11 @@ def _traffic(gw: str, worker: subprocess.Popen[bytes], receiver: Receiver, round
         assert r.json()["status"] == "succeeded", r.text
         bad = c.post("/v1/txt2img", json={"prompt": "dash bad", "steps": 100000})
         assert bad.status_code == 422
-        # a job the worker fails (too many tokens for the model; the gateway cannot know)
+        # Since issue 10 nothing a client sends passes the gateway and then fails in the worker (an
+        # over-long prompt runs truncated, with a warning), so the failed-job series are the ones the
+        # worker exports at 0 from its start; this job still exercises the warning path.
         r = c.post("/v1/txt2img", headers=wait, json={"prompt": "a " * 140, "steps": 4})
-        assert r.json()["status"] == "failed", r.text
+        assert r.json()["status"] == "succeeded" and r.json()["warnings"], r.text
         # a full queue: the worker is paused while we submit, so the bound (3) is reached and 429s follow
         os.kill(worker.pid, signal.SIGSTOP)
         try:
