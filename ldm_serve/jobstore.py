@@ -299,6 +299,22 @@ class JobStore:
         check_job_id(job_id)
         return [json.loads(x) for x in self.redis.lrange(self.keys.webhook_attempts(job_id), 0, 99)]
 
+    @translate_redis_errors
+    def enqueue_webhook(self, job_id: str, url: str, event: Any, queue_name: str) -> str:
+        """Queue the first delivery attempt of a job's webhook ``event``; its attempts are kept
+        under the job's ``webhooks`` key (expiring with the job's results). Returns the ``webhook-id``."""
+        from ldm_serve.webhooks.delivery import enqueue_webhook
+
+        return enqueue_webhook(
+            self.redis,
+            job_id=job_id,
+            url=url,
+            event=event,
+            queue_name=queue_name,
+            record_key=self.keys.webhook_attempts(job_id),
+            record_ttl_s=self.settings.result_ttl_s,
+        )
+
     # ------------------------------------------------------------------ transitions
     @translate_redis_errors
     def transition(

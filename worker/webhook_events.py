@@ -46,7 +46,6 @@ class WebhookEmitter:
 
     def emit(self, payload: GenerationPayload, event: WebhookEventType) -> bool:
         """Enqueue ``event`` for the job if its webhook filter includes it. Returns whether it did."""
-        from ldm_serve.webhooks.delivery import enqueue_webhook
         from ldm_serve.webhooks.events import WebhookEvent
 
         hook = payload.webhook
@@ -62,15 +61,7 @@ class WebhookEmitter:
             self._last_progress.pop(payload.job_id, None)
         rec = self.store.get(payload.job_id)
         body = WebhookEvent(event_type(event, rec["status"]), job_view(rec, signer=self._signer))
-        enqueue_webhook(
-            self.store.redis,
-            job_id=payload.job_id,
-            url=hook.url,
-            event=body,
-            queue_name=self.queue_name,
-            record_key=self.store.keys.webhook_attempts(payload.job_id),
-            record_ttl_s=self.settings.result_ttl_s,
-        )
+        self.store.enqueue_webhook(payload.job_id, hook.url, body, self.queue_name)
         if self._on_enqueue is not None:
             self._on_enqueue(event.value)
         return True
