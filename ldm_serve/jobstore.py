@@ -204,38 +204,63 @@ class JobStore:
             QueueFull: the queues hold ``max_queue_depth`` jobs already.
             InvalidInput: the key was already used with a different request body.
         """
-        s = self.settings
         idem_key = self.keys.idempotency(payload.owner, idempotency_key) if idempotency_key else None
-        if idem_key is not None:
-            ttl = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-            if not self.redis.set(idem_key, f"{payload.job_id} {fingerprint}", nx=True, ex=ttl):
-                existing = _split_idempotent(_s(self.redis.get(idem_key)))
+        while True:
+            try:
+                return self._submit_once(payload, idem_key, fingerprint, quota_key)
+            except redis.WatchError:
+                continue  # a request with the same key committed first: the next turn returns its job
+
+    def _submit_once(
+        self, payload: GenerationPayload, idem_key: str | None, fingerprint: str, quota_key: str
+    ) -> tuple[str, bool]:
+        """One optimistic attempt of :meth:`submit`.
+
+        The Idempotency-Key is WATCHed, read, and written in the same ``MULTI`` that creates
+        the job, so the key exists exactly when its job does: a connection lost half-way
+        leaves neither (a retry then creates the job), and of two concurrent requests with
+        one key, the second gets ``WatchError`` and, on its next turn, the first's job.
+        """
+        s = self.settings
+        job_id = payload.job_id
+        lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
+        pipe = self.redis.pipeline(transaction=True)
+        try:
+            if idem_key is not None:
+                pipe.watch(idem_key)  # immediate mode until RQ's enqueue below starts the MULTI
+                existing = _split_idempotent(_s(pipe.get(idem_key)))
                 if existing is not None:
                     check_idempotent_reuse(existing, fingerprint)
                     return existing[0], False
-        depth = sum(self.queue_depth([payload.model]).values())
-        if depth >= s.max_queue_depth:
-            if idem_key is not None:
-                self.redis.delete(idem_key)
-            raise QueueFull(
-                f"queue: {depth} jobs are queued, the limit is max_queue_depth={s.max_queue_depth}",
-                retry_after_s=s.queue_full_retry_after_s,
+            depth = sum(self.queue_depth([payload.model]).values())
+            if depth >= s.max_queue_depth:
+                raise QueueFull(
+                    f"queue: {depth} jobs are queued, the limit is max_queue_depth={s.max_queue_depth}",
+                    retry_after_s=s.queue_full_retry_after_s,
+                )
+            # RQ starts the MULTI itself, so it must see the pipeline first; all of it is one transaction.
+            self.queue(payload.model, payload.priority).enqueue_call(
+                func=GENERATE_FUNC,
+                kwargs={"payload": payload.model_dump(mode="json")},
+                job_id=job_id,
+                timeout=s.job_timeout_s,
+                result_ttl=s.result_ttl_s,
+                failure_ttl=s.result_ttl_s,
+                description=f"{payload.kind.value} {payload.model} {payload.width}x{payload.height} n={payload.n}",
+                pipeline=pipe,
             )
+            if idem_key is not None:
+                pipe.set(idem_key, f"{job_id} {fingerprint}", ex=lifetime)
+            self._record_new_job(pipe, payload, quota_key, lifetime)
+            pipe.execute()
+            return job_id, True
+        finally:
+            pipe.reset()
+
+    def _record_new_job(self, pipe: Any, payload: GenerationPayload, quota_key: str, lifetime: int) -> None:
+        """Queue the job's hash, owner-index entry and first event on ``pipe`` (inside the MULTI)."""
         job_id = payload.job_id
         now = payload.created_at
-        lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-        pipe = self.redis.pipeline(transaction=True)
-        # RQ starts the MULTI itself, so it must see the pipeline first; all of it is one transaction.
-        self.queue(payload.model, payload.priority).enqueue_call(
-            func=GENERATE_FUNC,
-            kwargs={"payload": payload.model_dump(mode="json")},
-            job_id=job_id,
-            timeout=s.job_timeout_s,
-            result_ttl=s.result_ttl_s,
-            failure_ttl=s.result_ttl_s,
-            description=f"{payload.kind.value} {payload.model} {payload.width}x{payload.height} n={payload.n}",
-            pipeline=pipe,
-        )
         pipe.hset(
             self.keys.job(job_id),
             mapping={
@@ -264,8 +289,6 @@ class JobStore:
             maxlen=EVENTS_MAXLEN,
         )
         pipe.expire(self.keys.events(job_id), lifetime)
-        pipe.execute()
-        return job_id, True
 
     # ------------------------------------------------------------------ reading
     @translate_redis_errors

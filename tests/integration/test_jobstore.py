@@ -148,3 +148,47 @@ def test_reads_refuse_malformed_ids_before_redis() -> None:
             read(f"{job_id}:events")
     with pytest.raises(JobNotFound):
         store.queue_position(f"{job_id}:events", "m", "normal")
+
+
+def test_a_submission_lost_at_exec_leaves_no_idempotency_key(store: JobStore, monkeypatch) -> None:
+    """Redis lost between recording the Idempotency-Key and creating the job used to leave the key
+    pointing at no job, so the client's retry got a 404 until the key expired (issue 10, found by
+    the reliability suite). The key is now written in the job's own MULTI."""
+    import redis as redis_lib
+
+    from ldm_serve.errors import QueueUnavailable
+
+    real_execute = redis_lib.client.Pipeline.execute
+    calls = {"n": 0}
+
+    def execute_then_lose_connection(self, *args, **kwargs):
+        if self.explicit_transaction and calls["n"] == 0:  # the job's MULTI: Redis goes away at EXEC
+            calls["n"] += 1
+            self.reset()
+            raise redis_lib.ConnectionError("connection lost at EXEC (simulated)")
+        return real_execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis_lib.client.Pipeline, "execute", execute_then_lose_connection)
+    first = payload()
+    with pytest.raises(QueueUnavailable):
+        store.submit(first, "retry-me", "fp")
+    assert calls["n"] == 1
+    assert store.find_idempotent(None, "retry-me") is None  # nothing half-written
+    retry = payload()
+    job_id, created = store.submit(retry, "retry-me", "fp")  # the client's retry creates the job
+    assert created and job_id == retry.job_id and store.get(job_id)["status"] == "queued"
+    assert store.submit(payload(), "retry-me", "fp") == (job_id, False)
+
+
+def test_concurrent_submissions_with_one_key_make_one_job(store: JobStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(_: int) -> tuple[str, bool]:
+        own = JobStore(connect(store.settings), store.settings)  # one connection per client, as gateways have
+        return own.submit(payload(), "same-key", "fp")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(8)))
+    assert len({job_id for job_id, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert store.queue_depth(["m"])[f"{PREFIX}-m-normal"] == 1
