@@ -8,9 +8,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -219,3 +221,28 @@ class FakePipeline:
                     if on_image:
                         on_image(p.row, img)
         return out
+
+
+def start_hook_server(
+    answer: Callable[[dict[str, str], bytes], int], path: str = "/hook"
+) -> tuple[ThreadingHTTPServer, str]:
+    """A webhook receiver on a free loopback port, serving from a daemon thread.
+
+    ``answer(headers, body)`` (header names lower-cased) records a POST and returns its status.
+    Returns the server (``shutdown()`` it) and the URL to give as the webhook.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            status = answer({k.lower(): v for k, v in self.headers.items()}, body)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}{path}"

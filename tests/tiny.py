@@ -6,6 +6,8 @@ channels. GroupNorm(32) needs channel counts that are multiples of 32.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ldm.config import (
     AutoencoderConfig,
     BERTEmbedderConfig,
@@ -19,20 +21,8 @@ from ldm.tiny import TINY_UNET
 UNET_SD1 = TINY_UNET
 
 # SD 2.x shape: linear proj_in/out, head channels instead of a head count.
-UNET_SD2 = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=32,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    num_heads=-1,
-    num_head_channels=16,
-    legacy=False,
-    use_spatial_transformer=True,
-    use_linear_in_transformer=True,
-    transformer_depth=1,
-    context_dim=48,
+UNET_SD2 = replace(
+    TINY_UNET, num_heads=-1, num_head_channels=16, use_linear_in_transformer=True, context_dim=48
 )
 
 # SD inpainting: 4 latent + 1 mask + 4 masked-image latent channels in.

@@ -18,10 +18,8 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -34,6 +32,7 @@ from tests.serving_support import (
     free_port,
     redis_for_tests,
     require_redis,
+    start_hook_server,
     start_process,
     stop_process,
     wait_http,
@@ -53,23 +52,12 @@ class Receiver:
 
     def __init__(self) -> None:
         self.calls: list[int] = []
-        rec = self
+        self.server, self.url = start_hook_server(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                code = 500 if not rec.calls else 200
-                rec.calls.append(code)
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, _headers: dict[str, str], _body: bytes) -> int:
+        code = 500 if not self.calls else 200
+        self.calls.append(code)
+        return code
 
 
 def _png(size: int, mode: str, color: object) -> str:

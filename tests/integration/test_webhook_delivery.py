@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -22,7 +21,7 @@ from redis.retry import Retry
 from ldm_serve import webhooks as wh
 from ldm_serve.contract import Keys
 from ldm_serve.embedded_redis import EmbeddedValkey
-from tests.serving_support import ROOT
+from tests.serving_support import ROOT, start_hook_server
 
 pytestmark = pytest.mark.integration
 
@@ -72,26 +71,13 @@ class Receiver:
     def __init__(self, statuses: list[int]) -> None:
         self.statuses = statuses
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
-        receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, time.time()))
-                status = receiver.statuses[min(len(receiver.requests), len(receiver.statuses)) - 1]
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/ldm"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def _answer(self, headers: dict[str, str], body: bytes) -> int:
+        self.requests.append((headers, body, time.time()))
+        return self.statuses[min(len(self.requests), len(self.statuses)) - 1]
 
     def __enter__(self) -> Receiver:
-        self.thread.start()
+        self.server, self.url = start_hook_server(self._answer, "/hooks/ldm")
         return self
 
     def __exit__(self, *exc: object) -> None:

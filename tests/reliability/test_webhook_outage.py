@@ -22,7 +22,6 @@ import threading
 import time
 from collections import defaultdict
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.integration.conftest import SECRET
 from tests.reliability.support import Stack, percentile, wait_terminal, write_results
-from tests.serving_support import wait_until
+from tests.serving_support import start_hook_server, wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration, pytest.mark.slow]
 
@@ -49,27 +48,15 @@ class Receiver:
         self.posts: list[dict] = []
         self.first_seen: dict[str, float] = {}
         self.lock = threading.Lock()
-        receiver = self
+        self.server, self.url = start_hook_server(self._answer)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                now = time.monotonic()
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    first = receiver.first_seen.setdefault(headers.get("webhook-id", ""), now)
-                    status = 503 if now - first < OUTAGE_S else 204
-                    receiver.posts.append({"headers": headers, "body": body, "at": now, "status": status})
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, headers: dict[str, str], body: bytes) -> int:
+        now = time.monotonic()
+        with self.lock:
+            first = self.first_seen.setdefault(headers.get("webhook-id", ""), now)
+            status = 503 if now - first < OUTAGE_S else 204
+            self.posts.append({"headers": headers, "body": body, "at": now, "status": status})
+        return status
 
     def delivered(self) -> set[str]:
         with self.lock:
