@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # --- gateway ---------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve the gRPC API (ldm_serve.v1) on this port; unset = off"
+    )
     cors_origins: str = Field(
         default="", description="comma-separated origins allowed by CORS (`*` = any); empty = CORS off"
     )

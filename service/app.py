@@ -254,9 +254,16 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.gateway = gw
         reaper = asyncio.create_task(_reap_forever(gw))
+        grpc_server = None
+        if settings.grpc_port is not None:  # the gRPC face, on this event loop (service/grpc_api/server.py)
+            from service.grpc_api.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(gw, settings.host, settings.grpc_port)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop()
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper

@@ -88,9 +88,14 @@ OwnerDep = Annotated[str | None, Depends(current_owner)]
 
 def quota_subject(caller: Caller, request: Request) -> str:
     """Whose quota a request spends: the key's owner id, or the client address when auth is off."""
+    return subject_of(caller, request.client.host if request.client else None)
+
+
+def subject_of(caller: Caller, client_host: str | None) -> str:
+    """Whose quota a caller spends (REST and gRPC alike): its owner id, else ``ip:<client address>``."""
     if caller.owner is not None:
         return caller.owner
-    return f"ip:{request.client.host if request.client else 'unknown'}"
+    return f"ip:{client_host or 'unknown'}"
 
 
 def translate_async_redis(exc: Exception) -> Exception:

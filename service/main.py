@@ -20,4 +20,6 @@ def run_gateway(settings: Settings) -> None:
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=5,
+        # grpc.aio shares the loop (settings.grpc_port); it is built for asyncio's own loop, not uvloop
+        loop="asyncio" if settings.grpc_port is not None else "auto",
     )

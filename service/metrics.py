@@ -21,6 +21,14 @@ class GatewayMetrics:
             "ldm_http_request_duration_seconds", "Time to the response headers", ["route", "method"],
             buckets=SECONDS_BUCKETS, registry=r,
         )
+        self.grpc_requests = Counter(
+            "ldm_grpc_requests_total", "gRPC calls of ldm_serve.v1.GenerationService by method and status code",
+            ["method", "code"], registry=r,
+        )
+        self.grpc_request_seconds = Histogram(
+            "ldm_grpc_request_duration_seconds", "Time to the call's end (a WatchJob: the whole stream)",
+            ["method"], buckets=SECONDS_BUCKETS, registry=r,
+        )
         self.jobs_submitted = Counter(
             "ldm_jobs_submitted_total", "Jobs accepted by the gateway", ["model", "kind"], registry=r
         )

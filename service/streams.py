@@ -45,6 +45,31 @@ async def wait_for_terminal(gw: Gateway, job_id: str, timeout_s: float) -> bool:
         raise translate_async_redis(exc) from exc
 
 
+async def event_batches(
+    gw: Gateway, job_id: str, after: str | None, block_ms: int
+) -> AsyncIterator[list[tuple[str, str, dict[str, Any]]]]:
+    """The job's stream entries after ``after`` (a stream id; None: from the start), as
+    ``(id, type, data)`` batches; an empty batch after each ``block_ms`` without news.
+
+    Never ends by itself: the reader stops after the terminal status event
+    (:func:`is_terminal_event`). A Redis connectivity error raises QueueUnavailable.
+    Shared by the SSE stream and the gRPC ``WatchJob``.
+    """
+    key = gw.store.keys.events(job_id)
+    last = after or "0"
+    while True:
+        try:
+            res = await gw.aredis.xread({key: last}, block=block_ms, count=200)
+        except Exception as exc:  # noqa: BLE001 - translated, then re-raised
+            raise translate_async_redis(exc) from exc
+        batch = []
+        for _stream, entries in res or []:
+            for entry_id, fields in entries:
+                last = entry_id.decode()
+                batch.append((last, *_decode(fields)))
+        yield batch
+
+
 async def sse_stream(
     gw: Gateway,
     job_id: str,
@@ -53,26 +78,20 @@ async def sse_stream(
     final_view: Callable[[], Awaitable[dict[str, Any]]],
 ) -> AsyncIterator[str]:
     """SSE frames for every stream entry after ``last_event_id``; ends with a ``done`` event."""
-    key = gw.store.keys.events(job_id)
-    last = last_event_id or "0"
     yield "retry: 2000\n\n"
-    while True:
-        if await is_disconnected():
-            return
-        try:
-            res = await gw.aredis.xread({key: last}, block=KEEPALIVE_MS, count=200)
-        except Exception as exc:  # noqa: BLE001 - the stream ends; the client may reconnect with Last-Event-ID
-            err = translate_async_redis(exc)
-            yield f"event: error\ndata: {json.dumps({'type': 'queue_unavailable', 'message': str(err)})}\n\n"
-            return
-        if not res:
-            yield ": keep-alive\n\n"
-            continue
-        for _stream, entries in res:
-            for entry_id, fields in entries:
-                last = entry_id.decode()
-                type_, data = _decode(fields)
-                yield f"id: {last}\nevent: {type_}\ndata: {json.dumps(data)}\n\n"
+    if await is_disconnected():
+        return
+    try:
+        async for batch in event_batches(gw, job_id, last_event_id, KEEPALIVE_MS):
+            if not batch:
+                yield ": keep-alive\n\n"
+            for entry_id, type_, data in batch:
+                yield f"id: {entry_id}\nevent: {type_}\ndata: {json.dumps(data)}\n\n"
                 if is_terminal_event(type_, data):
                     yield f"event: done\ndata: {json.dumps(await final_view())}\n\n"
                     return
+            if await is_disconnected():
+                return
+    except Exception as exc:  # noqa: BLE001 - the stream ends; the client may reconnect with Last-Event-ID
+        err = translate_async_redis(exc)
+        yield f"event: error\ndata: {json.dumps({'type': 'queue_unavailable', 'message': str(err)})}\n\n"

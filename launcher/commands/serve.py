@@ -48,7 +48,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from service.main import run_gateway
 
-    run_gateway(_settings(args, host=args.host, port=args.port))
+    run_gateway(_settings(args, host=args.host, port=args.port, grpc_port=args.grpc_port))
     return 0
 
 
@@ -173,7 +173,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     store: JobStore | None = None
     model = Path(args.model) if args.model else _default_model()
     say = functools.partial(print, file=sys.stderr, flush=True)
-    settings = _settings(args, data_dir=args.data_dir)
+    settings = _settings(args, data_dir=args.data_dir, grpc_port=args.grpc_port)
     try:
         children: list[Child] = []
         if redis_url is None:
@@ -200,6 +200,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             spawn["pass_fds"] = (lock_fd,)
         worker_argv = [*child, "worker", "--model", str(model)]
         gateway_argv = [*child, "gateway", "--host", args.host, "--port", str(args.port)]
+        if settings.grpc_port is not None:
+            gateway_argv += ["--grpc-port", str(settings.grpc_port)]
         workers = [Child("worker", spawn=lambda: subprocess.Popen(worker_argv, **spawn))]
         gateways = [Child("gateway", spawn=lambda: subprocess.Popen(gateway_argv, **spawn))]
 
@@ -234,6 +236,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         sup.ready_once = True
         print(f"\nldm-serve is up: {url}   (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+        if settings.grpc_port is not None:
+            print(f"gRPC (ldm_serve.v1.GenerationService): {args.host}:{settings.grpc_port}", flush=True)
         print(f"serving: {_describe_models(store)}\n", flush=True)
         while True:  # crashed children are restarted with backoff; only Ctrl-C / SIGTERM ends this
             sup.poll()
@@ -272,6 +276,8 @@ def add_commands(subparsers: Any) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--model", help="checkpoint to serve (default: the bundled model)")
+    up.add_argument("--grpc-port", type=int, default=None,
+                    help="also serve the gRPC API on this port (default: LDM_GRPC_PORT, else off)")
     up.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.add_argument(
         "--data-dir",
@@ -285,6 +291,8 @@ def add_commands(subparsers: Any) -> None:
     gw = subparsers.add_parser("gateway", help="run the HTTP gateway (FastAPI, uvicorn)")
     gw.add_argument("--host", default=None, help="default: LDM_HOST or 127.0.0.1")
     gw.add_argument("--port", type=int, default=None, help="default: LDM_PORT or 8000")
+    gw.add_argument("--grpc-port", type=int, default=None,
+                    help="also serve the gRPC API on this port (default: LDM_GRPC_PORT, else off)")
     gw.set_defaults(func=_cmd_gateway)
 
     wk = subparsers.add_parser("worker", help="run one batching generation worker")

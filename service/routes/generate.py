@@ -7,45 +7,32 @@ inputs, enqueue one job and answer ``202`` with the job (or, with
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-import secrets
-import time
 import types
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ldm_serve.api_keys import Caller
-from ldm_serve.contract import (
-    GenerationPayload,
-    JobKind,
-    JobStatus,
-    WebhookEventType,
-    WebhookSpec,
-    new_job_id,
-)
-from ldm_serve.errors import InvalidInput, QueueFull, QueueUnavailable, UnknownModel
-from ldm_serve.jobstore import check_idempotent_reuse
-from ldm_serve.limits import SEED_MAX
+from ldm_serve.contract import JobKind, JobStatus
+from ldm_serve.errors import InvalidInput
 from ldm_serve.settings import Settings
-from service.admission import admit, admitted_headers
+from service.admission import admitted_headers
 from service.bodies import fields_allowance, load_json, read_json, require_media_type
 from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
-from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
+from service.images import decode_base64_field
 from service.routes.jobs import public_job
 from service.streams import wait_for_terminal
+from service.submission import Inputs, inpaint_inputs, submit_job, validate
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
 _SECONDS = re.compile(r"[0-9]{1,9}")
-IDEMPOTENCY_KEY_MAX = 255
-DEFAULT_SIZE = 512
 
 
 def parse_prefer_wait(prefer: str | None, max_wait_s: int) -> int | None:
@@ -66,38 +53,6 @@ def parse_prefer_wait(prefer: str | None, max_wait_s: int) -> int | None:
     return None
 
 
-def _seeds(seed: int | None, n: int) -> list[int]:
-    if seed is None:
-        return [secrets.randbelow(SEED_MAX + 1) for _ in range(n)]
-    return [(seed + i) % (SEED_MAX + 1) for i in range(n)]
-
-
-async def _resolve_model(gw: Gateway, requested: str | None) -> tuple[str, int]:
-    """The model a job runs on and that model's default pixel size."""
-    workers = await gw.call(gw.store.live_workers)
-    live = {w.model: w for w in workers}
-    known = set(await gw.call(gw.store.known_models)) | set(live)
-    if requested is not None:
-        if requested not in known:
-            raise UnknownModel("model", f"{requested!r} is not served; available: {sorted(known)}")
-        model = requested
-    else:
-        model = gw.settings.default_model or (min(live) if live else (min(known) if known else None))
-        if model is None:
-            raise QueueUnavailable("no worker has registered a model yet; start `ldm-serve worker`")
-    info = live.get(model)
-    return model, (info.default_size if info and info.default_size else DEFAULT_SIZE)
-
-
-def request_fingerprint(kind: JobKind, req: BaseModel, inputs: tuple[bytes, bytes, int, int] | None) -> str:
-    """A digest of everything the client sent, for Idempotency-Key reuse checks."""
-    h = hashlib.sha256(kind.value.encode())
-    h.update(req.model_dump_json().encode())
-    if inputs is not None:
-        h.update(hashlib.sha256(inputs[0]).digest() + hashlib.sha256(inputs[1]).digest())
-    return h.hexdigest()[:32]
-
-
 async def _submit(
     gw: Gateway,
     req: BaseModel,
@@ -106,69 +61,12 @@ async def _submit(
     subject: str,
     idempotency_key: str | None,
     prefer: str | None,
-    inputs: tuple[bytes, bytes, int, int] | None = None,
+    inputs: Inputs | None = None,
 ) -> JSONResponse:
-    s = gw.settings
-    owner = caller.owner
-    wait_s = parse_prefer_wait(prefer, s.max_wait_s)
-    fingerprint = request_fingerprint(kind, req, inputs)
-    if idempotency_key is not None:
-        if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
-            raise InvalidInput("Idempotency-Key", f"must be 1..{IDEMPOTENCY_KEY_MAX} characters")
-        existing = await gw.call(gw.store.find_idempotent, owner, idempotency_key)
-        if existing is not None:
-            check_idempotent_reuse(existing, fingerprint)
-            return await _respond(gw, existing[0], wait_s, replayed=True)
-    data: dict[str, Any] = req.model_dump()
-    webhook = None
-    if data["webhook"]:
-        if not s.webhook_secret:
-            raise InvalidInput("webhook", "webhooks are disabled on this server (no webhook_secret configured)")
-        from ldm_serve.webhooks import validate_webhook_url
-
-        url = await gw.call(validate_webhook_url, data["webhook"], allow_private=s.allow_private_webhooks)
-        events = data["webhook_events_filter"] or [WebhookEventType.START, WebhookEventType.COMPLETED]
-        webhook = WebhookSpec(url=url, events=list(dict.fromkeys(events)))
-    elif data["webhook_events_filter"]:
-        raise InvalidInput("webhook_events_filter", "needs a webhook URL")
-    model, default_size = await _resolve_model(gw, data["model"])
-    if inputs is not None:
-        width, height = inputs[2], inputs[3]
-    else:
-        width, height = data["width"] or default_size, data["height"] or default_size
-    payload = GenerationPayload.from_request(
-        data,
-        job_id=new_job_id(),
-        kind=kind,
-        model=model,
-        width=width,
-        height=height,
-        seeds=_seeds(data["seed"], data["n"]),
-        webhook=webhook,
-        owner=owner,
-        created_at=time.time(),
-    )
-    # 422 (the settings' or the model's limits) / 403 / 429 before anything is stored
-    quota = await admit(gw, caller, subject, payload)
-    quota_key = gw.limiter.active_key(subject) if caller.policy.concurrent_jobs else ""
-    try:
-        if inputs is not None:
-            lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-            await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
-            await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
-        job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint, quota_key)
-    except QueueFull:
-        await gw.call(gw.limiter.release, subject, payload.job_id)
-        gw.metrics.jobs_rejected.labels("queue_full").inc()
-        raise
-    except Exception:
-        await gw.call(gw.limiter.release, subject, payload.job_id)
-        raise
-    if created:
-        gw.metrics.jobs_submitted.labels(model, kind.value).inc()
-    else:
-        await gw.call(gw.limiter.release, subject, payload.job_id)
-    return await _respond(gw, job_id, wait_s, replayed=not created, extra_headers=admitted_headers(quota))
+    wait_s = parse_prefer_wait(prefer, gw.settings.max_wait_s)
+    sub = await submit_job(gw, req, kind, caller, subject, idempotency_key, inputs)
+    headers = admitted_headers(sub.quota) if sub.quota is not None else None
+    return await _respond(gw, sub.job_id, wait_s, replayed=not sub.created, extra_headers=headers)
 
 
 async def _respond(
@@ -199,10 +97,7 @@ async def txt2img(
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
     body = await read_json(request, gw.settings)
-    try:
-        req = gw.schemas.Txt2ImgRequest.model_validate(body)
-    except ValidationError as exc:
-        raise _first_error(exc) from None
+    req = validate(gw.schemas.Txt2ImgRequest, body)
     return await _submit(gw, req, JobKind.TXT2IMG, caller, quota_subject(caller, request), idempotency_key, prefer)
 
 
@@ -235,33 +130,14 @@ async def inpaint(
         for name in ("image", "mask"):
             if name not in files:
                 raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
-        try:
-            req = gw.schemas.InpaintForm.model_validate(fields)
-        except ValidationError as exc:
-            raise _first_error(exc) from None
+        req = validate(gw.schemas.InpaintForm, fields)
         image_bytes, mask_bytes = files["image"], files["mask"]
     else:
         body = await read_json(request, s)
-        try:
-            req = gw.schemas.InpaintRequest.model_validate(body)
-        except ValidationError as exc:
-            raise _first_error(exc) from None
+        req = validate(gw.schemas.InpaintRequest, body)
         image_bytes = decode_base64_field("image", req.image, s.max_upload_bytes)  # type: ignore[attr-defined]
         mask_bytes = decode_base64_field("mask", req.mask, s.max_upload_bytes)  # type: ignore[attr-defined]
-    limits = {"max_bytes": s.max_upload_bytes, "max_pixels": s.max_upload_pixels}
-    image = await gw.call(load_image, "image", image_bytes, **limits)
-    mask = await gw.call(load_image, "mask", mask_bytes, **limits)
-    data = req.model_dump()
-    inputs = await gw.call(
-        prepare_inpaint_inputs,
-        image,
-        mask,
-        width=data["width"],
-        height=data["height"],
-        resize_mask=data["mask_resize"],
-        max_width=s.max_width,
-        max_height=s.max_height,
-    )
+    inputs = await inpaint_inputs(gw, req, image_bytes, mask_bytes)
     subject = quota_subject(caller, request)
     return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
 
@@ -309,28 +185,3 @@ def _form_value(model: type[BaseModel], key: str, value: str, settings: Settings
             raise InvalidInput(key, f"must be a finite number, got {value[:32]!r}")
         return number
     return value
-
-
-_JSON_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-               dict: "an object", type(None): "null"}
-_TYPE_MESSAGES = {
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "finite_number": "must be a finite number",
-}
-
-
-def _first_error(exc: ValidationError) -> InvalidInput:
-    """Turn pydantic's first error into InvalidInput naming the field and the limit."""
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "body"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "is not a known field"
-    elif err["type"] in _TYPE_MESSAGES:
-        got = err.get("input")
-        shown = repr(got) if isinstance(got, float) else _JSON_TYPES.get(type(got), type(got).__name__)
-        message = f"{_TYPE_MESSAGES[err['type']]}, got {shown}"
-    return InvalidInput(field, message)

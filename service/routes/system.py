@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ldm_serve.contract import WorkerInfo
 from ldm_serve.errors import Forbidden, QueueUnavailable
-from service.deps import GatewayDep, OwnerDep, current_caller
+from service.deps import Gateway, GatewayDep, OwnerDep, current_caller
 
 router = APIRouter(tags=["service"])
 
@@ -18,7 +19,11 @@ UNTRAINED_WARNING = "UNTRAINED: random weights for testing; images are noise"
 
 @router.get("/v1/models", summary="Models served by live workers")
 async def list_models(gw: GatewayDep, _owner: OwnerDep) -> dict[str, Any]:
-    workers = await gw.call(gw.store.live_workers)
+    return {"object": "list", "data": model_entries(await gw.call(gw.store.live_workers))}
+
+
+def model_entries(workers: list[WorkerInfo]) -> list[dict[str, Any]]:
+    """One entry per model of the live ``workers``, sorted by id (REST ``/v1/models`` and gRPC ``ListModels``)."""
     models: dict[str, dict[str, Any]] = {}
     for w in workers:
         m = models.setdefault(
@@ -39,7 +44,7 @@ async def list_models(gw: GatewayDep, _owner: OwnerDep) -> dict[str, Any]:
         m["workers"] += 1
         if w.untrained:
             m["warning"] = UNTRAINED_WARNING
-    return {"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])}
+    return sorted(models.values(), key=lambda m: m["id"])
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -49,16 +54,22 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: Redis reachable and at least one worker alive")
 async def readyz(gw: GatewayDep) -> JSONResponse:
+    body = await readiness(gw)
+    return JSONResponse(body, 200 if body["status"] == "ready" else 503)
+
+
+async def readiness(gw: Gateway) -> dict[str, Any]:
+    """``/readyz``'s answer (and the gRPC health status): ready when Redis answers and a worker is alive."""
     try:
         await gw.call(gw.store.ping)
         workers = await gw.call(gw.store.live_workers)
     except QueueUnavailable as exc:
-        return JSONResponse({"status": "not_ready", "redis": False, "workers": 0, "reason": str(exc)}, 503)
+        return {"status": "not_ready", "redis": False, "workers": 0, "reason": str(exc)}
     if not workers:
         notes = await gw.call(gw.store.supervisor_notes)  # e.g. "worker restarting after exit code -9, ..."
         reason = "no live worker" + (f" ({'; '.join(notes)})" if notes else "")
-        return JSONResponse({"status": "not_ready", "redis": True, "workers": 0, "reason": reason}, 503)
-    return JSONResponse({"status": "ready", "redis": True, "workers": len(workers)})
+        return {"status": "not_ready", "redis": True, "workers": 0, "reason": reason}
+    return {"status": "ready", "redis": True, "workers": len(workers)}
 
 
 def metrics_access(gw: GatewayDep, authorization: Annotated[str | None, Header()] = None) -> None:

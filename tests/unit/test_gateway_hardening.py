@@ -15,8 +15,9 @@ from ldm_serve.settings import Settings
 from service.app import error_response
 from service.bodies import body_limit, check_json_depth, json_depth, load_json
 from service.images import clean_error, load_image
-from service.routes.generate import _first_error, _form_value, parse_prefer_wait
+from service.routes.generate import _form_value, parse_prefer_wait
 from service.schemas import build_schemas
+from service.submission import first_error as _first_error
 
 
 def test_job_id_format() -> None:

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code (service/grpc_api/codegen.py)."""
