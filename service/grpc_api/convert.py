@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.message import Message
 
 from service.grpc_api.pb import generation_service_pb2 as pb
@@ -49,7 +49,7 @@ def request_body(message: Message) -> dict[str, Any]:
         if name in ENVELOPE_FIELDS:
             continue
         value = getattr(message, name)
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             if len(value):
                 enum = field.enum_type
                 body[name] = [enum_text(enum, v) or "unspecified" for v in value] if enum else list(value)
