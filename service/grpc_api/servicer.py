@@ -157,10 +157,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         gw, job_id = self.gw, request.job_id
         rec = await gw.visible_job(job_id, self.caller(context).owner)
         payload = GenerationPayload.model_validate_json(rec["payload"])
-        status, position = rec["status"], None
+        position, idle_and_ended = None, 0
         async for batch in event_batches(gw, job_id, request.after_event_id or None, WATCH_POLL_MS):
-            if not batch and status == JobStatus.QUEUED.value:
+            if not batch:
                 rec = await gw.call(gw.store.get, job_id)
+                if JobStatus(rec["status"]).terminal:
+                    # ended with nothing left to read twice in a row (its end lies before after_event_id)
+                    idle_and_ended += 1
+                    if idle_and_ended == 2:
+                        yield pb.WatchJobResponse(done=await self._job(job_id, rec))
+                        return
                 now = await self._position(job_id, rec)
                 if now is not None and now != position:
                     position = now

@@ -186,6 +186,11 @@ def test_txt2img_watch_follows_the_sse_order_and_rest_sees_the_job(stack: Stack)
     images = {m.image.index: m.image for m in stream if m.WhichOneof("event") == "image"}
     assert sorted(images) == [0, 1] and images[1].seed == 42
 
+    resumed = watch(stack.stub, job_id, after_event_id=stream[2].event_id, omit_image_data=True)  # Last-Event-ID
+    assert [m.event_id for m in resumed] == [m.event_id for m in stream[3:]]
+    at_end = watch(stack.stub, job_id, after_event_id=stream[-2].event_id)  # nothing after the final status
+    assert [m.WhichOneof("event") for m in at_end] == ["done"] and at_end[0].done.id == job_id
+
     with stack.rest_client() as c:
         # the same events, in the same order, with the same ids as the REST event stream
         assert [(m.event_id, k) for m, k in zip(stream, kinds, strict=True) if k != "done"] == sse_events(c, job_id)
