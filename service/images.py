@@ -137,7 +137,13 @@ def prepare_img2img_input(
         if side > limit:
             raise InvalidInput(f"image.{name}", f"must be <= {limit}, got {side} (or give {name} to resize to)")
     out_w, out_h = width or w, height or h
+    return to_png(fit_image(image, out_w, out_h), "RGB"), out_w, out_h
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` as RGB of exactly ``width`` x ``height``: unchanged when it has that size, else
+    scaled (Lanczos) to cover it and centre-cropped (the aspect ratio is kept)."""
     rgb = image.convert("RGB")
-    if (out_w, out_h) != (w, h):
-        rgb = ImageOps.fit(rgb, (out_w, out_h), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    return to_png(rgb, "RGB"), out_w, out_h
+    if rgb.size == (width, height):
+        return rgb
+    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm.noise_schedule import ddim_timesteps, img2img_timesteps
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
@@ -118,3 +121,17 @@ def test_inpainting_unet_refuses_img2img(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="inpainting model") as info:
         pipe.validate_row(GenerationRow("a", 1, steps=4, image=scene(SIZE)), SIZE, SIZE)
     assert info.value.field == "mask"
+
+
+def test_cli_img2img_fits_the_image_and_names_a_bad_strength(tmp_path: Path) -> None:
+    ckpt = write_random_model(tmp_path / "m")
+    scene(48).crop((0, 0, 48, 40)).save(tmp_path / "in.png")
+    base = [sys.executable, "-m", "launcher", "img2img", "--checkpoint", str(ckpt), "--image", str(tmp_path / "in.png"),
+            "--prompt", "a red circle", "--steps", "4", "--seed", "3"]
+    proc = subprocess.run([*base, "--strength", "0.5", "--width", "32", "--height", "32", "--out",
+                           str(tmp_path / "out.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "out.png").size == (32, 32) and "seed=3" in proc.stdout
+    proc = subprocess.run([*base, "--strength", "0.1", "--width", "32", "--height", "32", "--out",
+                           str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "strength" in proc.stderr, proc.stderr
