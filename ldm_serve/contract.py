@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ldm_serve.limits import GUIDANCE_SCALE_MAX
 
@@ -160,6 +160,15 @@ class GenerationPayload(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     owner: str | None = None  # hash of the API key that made the job, None when auth is off
     created_at: float  # unix seconds
+
+    @model_serializer(mode="wrap")
+    def _omit_full_strength(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``strength`` is written only when it is not 1 (img2img), so the payload of any other
+        job reads exactly as before img2img and a worker of the previous version still runs it."""
+        data = handler(self)
+        if self.strength == 1.0:
+            data.pop("strength", None)
+        return data
 
     @property
     def batch_key(self) -> str:

@@ -135,3 +135,15 @@ def test_cli_img2img_fits_the_image_and_names_a_bad_strength(tmp_path: Path) -> 
     proc = subprocess.run([*base, "--strength", "0.1", "--width", "32", "--height", "32", "--out",
                            str(tmp_path / "bad.png")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "strength" in proc.stderr, proc.stderr
+
+
+def test_payloads_of_other_kinds_serialise_as_before_img2img() -> None:
+    from ldm_serve.contract import GenerationPayload, JobKind
+
+    common = dict(job_id="j" * 26, model="m", prompt="p", n=1, width=64, height=64, steps=4, guidance_scale=1.0,
+                  seeds=[1], created_at=1.0)
+    plain = GenerationPayload(kind=JobKind.TXT2IMG, **common)
+    assert "strength" not in plain.model_dump_json()  # a worker of the previous version still parses it
+    i2i = GenerationPayload(kind=JobKind.IMG2IMG, strength=0.5, **common)
+    assert GenerationPayload.model_validate_json(i2i.model_dump_json()) == i2i
+    assert GenerationPayload.model_validate_json(plain.model_dump_json()) == plain
