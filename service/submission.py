@@ -2,7 +2,7 @@
 
 Both faces turn their request into a dict of the fields the client set, validate it with
 the same request schema (:func:`validate`, errors naming the field and the limit), check
-inpainting uploads with :func:`inpaint_inputs`, and queue the job with :func:`submit_job`:
+uploads with :func:`load_uploads` and :func:`inpaint_inputs` / :func:`img2img_inputs`, and queue the job with :func:`submit_job`:
 Idempotency-Key replay, webhook checks, model resolution, seeds, the model's and the key's
 limits and quotas (:func:`service.admission.admit`), the uploads, then one store submit.
 What each face answers (HTTP headers, ``Prefer: wait``; a gRPC message) stays in the face.
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from ldm_serve.api_keys import Caller
@@ -26,13 +27,19 @@ from ldm_serve.limits import SEED_MAX
 from ldm_serve.quotas import QuotaDecision
 from service.admission import admit
 from service.deps import Gateway
-from service.images import load_image, prepare_inpaint_inputs
+from service.images import load_image, prepare_img2img_input, prepare_inpaint_inputs
 
 IDEMPOTENCY_KEY_MAX = 255
 DEFAULT_SIZE = 512
 
-Inputs = tuple[bytes, bytes, int, int]
-"""Checked inpainting inputs: ``(image_png, mask_png, width, height)``."""
+
+@dataclass(frozen=True)
+class Uploads:
+    """A job's checked uploads: PNG bytes by name (``JobKind.inputs``) and the output size they fix."""
+
+    files: dict[str, bytes]
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
@@ -77,32 +84,50 @@ async def resolve_model(gw: Gateway, requested: str | None) -> tuple[str, int]:
     return model, (info.default_size if info and info.default_size else DEFAULT_SIZE)
 
 
-def request_fingerprint(kind: JobKind, req: BaseModel, inputs: Inputs | None) -> str:
+def request_fingerprint(kind: JobKind, req: BaseModel, inputs: Uploads | None) -> str:
     """A digest of everything the client sent, for Idempotency-Key reuse checks."""
     h = hashlib.sha256(kind.value.encode())
     h.update(req.model_dump_json().encode())
     if inputs is not None:
-        h.update(hashlib.sha256(inputs[0]).digest() + hashlib.sha256(inputs[1]).digest())
+        h.update(b"".join(hashlib.sha256(data).digest() for data in inputs.files.values()))
     return h.hexdigest()[:32]
 
 
-async def inpaint_inputs(gw: Gateway, req: BaseModel, image: bytes, mask: bytes) -> Inputs:
-    """Decode and check an inpainting request's image and mask (sizes, formats, the request's width/height)."""
+async def load_uploads(gw: Gateway, raw: dict[str, bytes]) -> dict[str, Image.Image]:
+    """Each uploaded file decoded within the upload limits (``InvalidInput`` naming the file otherwise)."""
     s = gw.settings
     limits = {"max_bytes": s.max_upload_bytes, "max_pixels": s.max_upload_pixels}
-    image_img = await gw.call(load_image, "image", image, **limits)
-    mask_img = await gw.call(load_image, "mask", mask, **limits)
-    data = req.model_dump()
-    return await gw.call(
+    return {name: await gw.call(load_image, name, data, **limits) for name, data in raw.items()}
+
+
+async def inpaint_inputs(gw: Gateway, req: BaseModel, images: dict[str, Image.Image]) -> Uploads:
+    """An inpainting request's image and mask checked against each other and the request's width/height."""
+    s, data = gw.settings, req.model_dump()
+    image_png, mask_png, width, height = await gw.call(
         prepare_inpaint_inputs,
-        image_img,
-        mask_img,
+        images["image"],
+        images["mask"],
         width=data["width"],
         height=data["height"],
         resize_mask=data["mask_resize"],
         max_width=s.max_width,
         max_height=s.max_height,
     )
+    return Uploads({"image": image_png, "mask": mask_png}, width, height)
+
+
+async def img2img_inputs(gw: Gateway, req: BaseModel, images: dict[str, Image.Image]) -> Uploads:
+    """An img2img request's init image, fitted to the output size (:func:`service.images.prepare_img2img_input`)."""
+    s, data = gw.settings, req.model_dump()
+    image_png, width, height = await gw.call(
+        prepare_img2img_input,
+        images["image"],
+        width=data["width"],
+        height=data["height"],
+        max_width=s.max_width,
+        max_height=s.max_height,
+    )
+    return Uploads({"image": image_png}, width, height)
 
 
 async def submit_job(
@@ -112,7 +137,7 @@ async def submit_job(
     caller: Caller,
     subject: str,
     idempotency_key: str | None,
-    inputs: Inputs | None = None,
+    inputs: Uploads | None = None,
     *,
     key_field: str = "Idempotency-Key",
 ) -> Submitted:
@@ -121,7 +146,7 @@ async def submit_job(
     Args:
         req: the request, validated by :func:`validate`.
         subject: whose quotas the job spends (:func:`service.deps.quota_subject`).
-        inputs: the checked inpainting inputs (:func:`inpaint_inputs`).
+        inputs: the checked uploads (:func:`inpaint_inputs`, :func:`img2img_inputs`).
         key_field: how errors name the idempotency key (the REST header, a gRPC field).
     """
     s = gw.settings
@@ -151,7 +176,7 @@ async def submit_job(
         raise InvalidInput("webhook_events_filter", "needs a webhook URL")
     model, default_size = await resolve_model(gw, data["model"])
     if inputs is not None:
-        width, height = inputs[2], inputs[3]
+        width, height = inputs.width, inputs.height
     else:
         width, height = data["width"] or default_size, data["height"] or default_size
     payload = GenerationPayload.from_request(
@@ -172,8 +197,8 @@ async def submit_job(
     try:
         if inputs is not None:
             lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-            await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
-            await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
+            for name, data in inputs.files.items():
+                await gw.call(gw.results.put_input, payload.job_id, name, data, lifetime)
         job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint, quota_key)
     except QueueFull:
         await gw.call(gw.limiter.release, subject, payload.job_id)

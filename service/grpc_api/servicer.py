@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -30,7 +30,7 @@ from service.grpc_api.pb import generation_service_pb2_grpc as pb_grpc
 from service.routes.jobs import public_job
 from service.routes.system import model_entries
 from service.streams import event_batches, is_terminal_event
-from service.submission import inpaint_inputs, submit_job, validate
+from service.submission import Uploads, img2img_inputs, inpaint_inputs, load_uploads, submit_job, validate
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 WATCH_POLL_MS = 2000  # how often WatchJob re-reads a queued job's position while nothing happens
@@ -103,15 +103,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return current_caller(self.gw, metadata.get("authorization"))
 
     async def _submit(self, request: Any, kind: JobKind, schema: Any, context: grpc.aio.ServicerContext,
-                      uploads: tuple[bytes, bytes] | None = None) -> tuple[pb.Job, bool]:
+                      check: Callable[..., Awaitable[Uploads]] | None = None) -> tuple[pb.Job, bool]:
         caller = self.caller(context)
         req = validate(schema, convert.request_body(request))
         inputs = None
-        if uploads is not None:
-            for name, data in zip(("image", "mask"), uploads, strict=True):
-                if not data:
+        if check is not None:
+            for name in kind.inputs:
+                if not getattr(request, name):
                     raise InvalidInput(name, "is empty: send the PNG / JPEG / WebP bytes")
-            inputs = await inpaint_inputs(self.gw, req, *uploads)
+            images = await load_uploads(self.gw, {name: getattr(request, name) for name in kind.inputs})
+            inputs = await check(self.gw, req, images)
         key = request.idempotency_key if request.HasField("idempotency_key") else None
         subject = subject_of(caller, _peer_host(context.peer()))
         sub = await submit_job(self.gw, req, kind, caller, subject, key, inputs, key_field="idempotency_key")
@@ -128,10 +129,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     @_observed
     async def Inpaint(self, request: pb.InpaintRequest, context: grpc.aio.ServicerContext) -> pb.InpaintResponse:
-        job, replayed = await self._submit(
-            request, JobKind.INPAINT, self.gw.schemas.InpaintForm, context, (request.image, request.mask)
-        )
+        job, replayed = await self._submit(request, JobKind.INPAINT, self.gw.schemas.InpaintForm, context,
+                                           inpaint_inputs)
         return pb.InpaintResponse(job=job, replayed=replayed)
+
+    @_observed
+    async def Img2Img(self, request: pb.Img2ImgRequest, context: grpc.aio.ServicerContext) -> pb.Img2ImgResponse:
+        job, replayed = await self._submit(request, JobKind.IMG2IMG, self.gw.schemas.Img2ImgForm, context,
+                                           img2img_inputs)
+        return pb.Img2ImgResponse(job=job, replayed=replayed)
 
     @_observed
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.GetJobResponse:

@@ -1,8 +1,9 @@
-"""Submission routes: ``POST /v1/txt2img`` and ``POST /v1/inpaint``.
+"""Submission routes: ``POST /v1/txt2img``, ``POST /v1/img2img`` and ``POST /v1/inpaint``.
 
-Both validate the request, resolve the model and the seeds, store inpainting
-inputs, enqueue one job and answer ``202`` with the job (or, with
-``Prefer: wait=N``, the finished job when it finishes within N seconds).
+Each validates the request, resolves the model and the seeds, stores the uploaded
+images (img2img and inpainting, JSON with base64 or multipart, read by one helper),
+enqueues one job and answers ``202`` with the job (or, with ``Prefer: wait=N``, the
+finished job when it finishes within N seconds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -28,7 +30,7 @@ from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
 from service.images import decode_base64_field
 from service.routes.jobs import public_job
 from service.streams import wait_for_terminal
-from service.submission import Inputs, inpaint_inputs, submit_job, validate
+from service.submission import Uploads, img2img_inputs, inpaint_inputs, load_uploads, submit_job, validate
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
@@ -61,7 +63,7 @@ async def _submit(
     subject: str,
     idempotency_key: str | None,
     prefer: str | None,
-    inputs: Inputs | None = None,
+    inputs: Uploads | None = None,
 ) -> JSONResponse:
     wait_s = parse_prefer_wait(prefer, gw.settings.max_wait_s)
     sub = await submit_job(gw, req, kind, caller, subject, idempotency_key, inputs)
@@ -101,6 +103,38 @@ async def txt2img(
     return await _submit(gw, req, JobKind.TXT2IMG, caller, quota_subject(caller, request), idempotency_key, prefer)
 
 
+async def read_uploads(
+    request: Request, gw: Gateway, json_model: type[BaseModel], form_model: type[BaseModel], names: tuple[str, ...]
+) -> tuple[BaseModel, dict[str, Image.Image]]:
+    """The validated request and its decoded images ``names``, from JSON (base64 fields) or
+    multipart/form-data (file parts plus form fields), within the upload limits."""
+    s = gw.settings
+    raw: dict[str, bytes] = {}
+    if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
+        try:
+            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
+        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
+        files: dict[str, bytes] = {}
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files[key] = await value.read(s.max_upload_bytes + 1)
+            else:
+                fields[key] = _form_value(form_model, key, value, s)
+        for name in names:
+            if name not in files:
+                parts = " and ".join(f"{'an' if n[0] in 'aeiou' else 'a'} `{n}`" for n in names)
+                raise InvalidInput(name, f"multipart requests need {parts} file part")
+        req = validate(form_model, fields)
+        raw = {name: files[name] for name in names}
+    else:
+        body = await read_json(request, s)
+        req = validate(json_model, body)
+        raw = {name: decode_base64_field(name, getattr(req, name), s.max_upload_bytes) for name in names}
+    return req, await load_uploads(gw, raw)
+
+
 @router.post(
     "/inpaint",
     status_code=202,
@@ -113,33 +147,35 @@ async def inpaint(
     idempotency_key: Annotated[str | None, _idem_header()] = None,
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
-    s = gw.settings
-    if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
-        try:
-            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
-        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
-            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
-        files: dict[str, bytes] = {}
-        fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read(s.max_upload_bytes + 1)
-                files[key] = data
-            else:
-                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s)
-        for name in ("image", "mask"):
-            if name not in files:
-                raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
-        req = validate(gw.schemas.InpaintForm, fields)
-        image_bytes, mask_bytes = files["image"], files["mask"]
-    else:
-        body = await read_json(request, s)
-        req = validate(gw.schemas.InpaintRequest, body)
-        image_bytes = decode_base64_field("image", req.image, s.max_upload_bytes)  # type: ignore[attr-defined]
-        mask_bytes = decode_base64_field("mask", req.mask, s.max_upload_bytes)  # type: ignore[attr-defined]
-    inputs = await inpaint_inputs(gw, req, image_bytes, mask_bytes)
+    req, images = await read_uploads(
+        request, gw, gw.schemas.InpaintRequest, gw.schemas.InpaintForm, JobKind.INPAINT.inputs
+    )
+    inputs = await inpaint_inputs(gw, req, images)
     subject = quota_subject(caller, request)
     return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
+
+
+@router.post(
+    "/img2img",
+    status_code=202,
+    summary="Queue an image-to-image job (JSON with a base64 init image, or a multipart upload)",
+)
+async def img2img(
+    request: Request,
+    gw: GatewayDep,
+    caller: CallerDep,
+    idempotency_key: Annotated[str | None, _idem_header()] = None,
+    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
+) -> JSONResponse:
+    """SDEdit from ``image``: ``int(steps * strength)`` DDIM steps from the image's latent noised to that
+    level. The output is ``width`` x ``height`` (default: the image's size; another size scales the image
+    to cover it and centre-crops)."""
+    req, images = await read_uploads(
+        request, gw, gw.schemas.Img2ImgRequest, gw.schemas.Img2ImgForm, JobKind.IMG2IMG.inputs
+    )
+    inputs = await img2img_inputs(gw, req, images)
+    subject = quota_subject(caller, request)
+    return await _submit(gw, req, JobKind.IMG2IMG, caller, subject, idempotency_key, prefer, inputs)
 
 
 _LIST_FIELDS = {"webhook_events_filter"}

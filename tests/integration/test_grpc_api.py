@@ -155,7 +155,7 @@ def test_reflection_lists_the_services_and_health_follows_readiness(stack: Stack
     from google.protobuf.descriptor_pool import DescriptorPool
 
     methods = {m.name for m in DescriptorPool(db).FindServiceByName(SERVICE).methods}
-    assert methods == {"Txt2Img", "Inpaint", "GetJob", "WatchJob", "CancelJob", "ListModels"}
+    assert methods == {"Txt2Img", "Inpaint", "Img2Img", "GetJob", "WatchJob", "CancelJob", "ListModels"}
     health = health_pb2_grpc.HealthStub(stack.channel)
     serving = health_pb2.HealthCheckResponse.SERVING
     assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT).status == serving
@@ -247,6 +247,27 @@ def test_inpaint_with_image_and_mask_bytes(stack: Stack) -> None:
                                               mask=png((32, 32), "L", 255), mask_resize=True),
                             metadata=auth(), timeout=TIMEOUT)
     assert ok.job.status in (pb.JOB_STATUS_QUEUED, pb.JOB_STATUS_RUNNING, pb.JOB_STATUS_SUCCEEDED)
+
+
+def test_img2img_from_image_bytes(stack: Stack) -> None:
+    request = pb.Img2ImgRequest(prompt="grpc img2img", steps=8, strength=0.5, seed=9, image=png((48, 40)),
+                                width=64, height=64)
+    job = stack.stub.Img2Img(request, metadata=auth(), timeout=TIMEOUT).job
+    assert job.kind == pb.JOB_KIND_IMG2IMG and job.parameters.strength == 0.5
+    assert (job.parameters.width, job.parameters.height) == (64, 64)  # the image scaled to cover, centre-cropped
+    done = watch(stack.stub, job.id)[-1].done
+    assert done.status == pb.JOB_STATUS_SUCCEEDED and len(done.images) == 1
+    with stack.rest_client() as c:
+        view = c.get(f"/v1/jobs/{job.id}").json()
+        assert view["kind"] == "img2img" and view["parameters"]["strength"] == 0.5
+        r = c.post("/v1/img2img", json={"prompt": "x", "steps": 8, "strength": 0.0, "image": "AA=="})
+    err = rpc_error(stack.stub.Img2Img, pb.Img2ImgRequest(prompt="x", steps=8, strength=0.0, image=png((64, 64))),
+                    metadata=auth())
+    assert bad_field(err) == "strength" and r.json()["error"] == {"type": "invalid_input", "field": "strength",
+                                                                    "message": err.details()}
+    assert bad_field(rpc_error(stack.stub.Img2Img, pb.Img2ImgRequest(prompt="x"), metadata=auth())) == "image"
+    odd = pb.Img2ImgRequest(prompt="x", image=png((60, 64)))  # no width given: the image's side must fit
+    assert bad_field(rpc_error(stack.stub.Img2Img, odd, metadata=auth())) == "image.width"
 
 
 # (gRPC request fields, the REST body): the same refusal, naming the same field with the same message

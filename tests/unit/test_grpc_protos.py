@@ -104,7 +104,9 @@ def test_the_checked_in_code_is_what_protoc_generates(tmp_path: Path) -> None:
 
 def test_requests_mirror_the_rest_bodies_field_for_field() -> None:
     schemas = build_schemas(Settings())
-    for message, schema in ((pb.Txt2ImgRequest, schemas.Txt2ImgRequest), (pb.InpaintRequest, schemas.InpaintForm)):
+    pairs = ((pb.Txt2ImgRequest, schemas.Txt2ImgRequest), (pb.InpaintRequest, schemas.InpaintForm),
+             (pb.Img2ImgRequest, schemas.Img2ImgForm))
+    for message, schema in pairs:
         fields = {f.name for f in message.DESCRIPTOR.fields} - convert.ENVELOPE_FIELDS
         assert fields == set(schema.model_fields), message.__name__
     assert {"idempotency_key", "image", "mask"} <= {f.name for f in pb.InpaintRequest.DESCRIPTOR.fields}

@@ -48,6 +48,7 @@ class JobKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_KIND_UNSPECIFIED: _ClassVar[JobKind]
     JOB_KIND_TXT2IMG: _ClassVar[JobKind]
     JOB_KIND_INPAINT: _ClassVar[JobKind]
+    JOB_KIND_IMG2IMG: _ClassVar[JobKind]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
@@ -70,6 +71,7 @@ JOB_STATUS_EXPIRED: JobStatus
 JOB_KIND_UNSPECIFIED: JobKind
 JOB_KIND_TXT2IMG: JobKind
 JOB_KIND_INPAINT: JobKind
+JOB_KIND_IMG2IMG: JobKind
 
 class Txt2ImgRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "n", "width", "height", "steps", "guidance_scale", "eta", "seed", "model", "output_format", "quality", "priority", "webhook", "webhook_events_filter", "metadata", "idempotency_key")
@@ -162,6 +164,56 @@ class InpaintRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., webhook: _Optional[str] = ..., webhook_events_filter: _Optional[_Iterable[_Union[WebhookEventType, str]]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., image: _Optional[bytes] = ..., mask: _Optional[bytes] = ..., mask_resize: _Optional[bool] = ...) -> None: ...
 
 class InpaintResponse(_message.Message):
+    __slots__ = ("job", "replayed")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    replayed: bool
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class Img2ImgRequest(_message.Message):
+    __slots__ = ("prompt", "negative_prompt", "n", "width", "height", "steps", "guidance_scale", "eta", "seed", "model", "output_format", "quality", "priority", "webhook", "webhook_events_filter", "metadata", "idempotency_key", "image", "strength")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ETA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_EVENTS_FILTER_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    negative_prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    eta: float
+    seed: int
+    model: str
+    output_format: OutputFormat
+    quality: int
+    priority: Priority
+    webhook: str
+    webhook_events_filter: _containers.RepeatedScalarFieldContainer[WebhookEventType]
+    metadata: _struct_pb2.Struct
+    idempotency_key: str
+    image: bytes
+    strength: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., eta: _Optional[float] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., webhook: _Optional[str] = ..., webhook_events_filter: _Optional[_Iterable[_Union[WebhookEventType, str]]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., image: _Optional[bytes] = ..., strength: _Optional[float] = ...) -> None: ...
+
+class Img2ImgResponse(_message.Message):
     __slots__ = ("job", "replayed")
     JOB_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
@@ -326,7 +378,7 @@ class JobError(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class JobParameters(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "n", "width", "height", "steps", "guidance_scale", "eta", "output_format", "quality", "priority")
+    __slots__ = ("prompt", "negative_prompt", "n", "width", "height", "steps", "guidance_scale", "eta", "output_format", "quality", "priority", "strength")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +390,7 @@ class JobParameters(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     n: int
@@ -349,7 +402,8 @@ class JobParameters(_message.Message):
     output_format: OutputFormat
     quality: int
     priority: Priority
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., eta: _Optional[float] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    strength: float
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., n: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., eta: _Optional[float] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., quality: _Optional[int] = ..., priority: _Optional[_Union[Priority, str]] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class JobImage(_message.Message):
     __slots__ = ("index", "seed", "url", "content_type")

@@ -46,6 +46,11 @@ class GenerationServiceStub:
                 request_serializer=ldm__serve_dot_v1_dot_generation__service__pb2.InpaintRequest.SerializeToString,
                 response_deserializer=ldm__serve_dot_v1_dot_generation__service__pb2.InpaintResponse.FromString,
                 _registered_method=True)
+        self.Img2Img = channel.unary_unary(
+                '/ldm_serve.v1.GenerationService/Img2Img',
+                request_serializer=ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgRequest.SerializeToString,
+                response_deserializer=ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/ldm_serve.v1.GenerationService/GetJob',
                 request_serializer=ldm__serve_dot_v1_dot_generation__service__pb2.GetJobRequest.SerializeToString,
@@ -81,6 +86,13 @@ class GenerationServiceServicer:
 
     def Inpaint(self, request, context):
         """Queue an inpainting job; image and mask are PNG / JPEG / WebP bytes (REST: POST /v1/inpaint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Img2Img(self, request, context):
+        """Queue an image-to-image (SDEdit) job from an init image's bytes (REST: POST /v1/img2img).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +139,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Inpaint,
                     request_deserializer=ldm__serve_dot_v1_dot_generation__service__pb2.InpaintRequest.FromString,
                     response_serializer=ldm__serve_dot_v1_dot_generation__service__pb2.InpaintResponse.SerializeToString,
+            ),
+            'Img2Img': grpc.unary_unary_rpc_method_handler(
+                    servicer.Img2Img,
+                    request_deserializer=ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgRequest.FromString,
+                    response_serializer=ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -204,6 +221,33 @@ class GenerationService:
             '/ldm_serve.v1.GenerationService/Inpaint',
             ldm__serve_dot_v1_dot_generation__service__pb2.InpaintRequest.SerializeToString,
             ldm__serve_dot_v1_dot_generation__service__pb2.InpaintResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Img2Img(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ldm_serve.v1.GenerationService/Img2Img',
+            ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgRequest.SerializeToString,
+            ldm__serve_dot_v1_dot_generation__service__pb2.Img2ImgResponse.FromString,
             options,
             channel_credentials,
             insecure,
