@@ -12,7 +12,9 @@ from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, Keys, new_
 from ldm_serve.settings import Settings
 
 
-@pytest.mark.parametrize("module", ["service.app", "ldm_serve.contract", "ldm_serve.jobstore", "ldm_serve.settings"])
+@pytest.mark.parametrize(
+    "module", ["service.app", "service.grpc_api.server", "ldm_serve.contract", "ldm_serve.jobstore", "ldm_serve.settings"]
+)
 def test_gateway_side_never_imports_torch(module: str) -> None:
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
