@@ -40,9 +40,9 @@ def _observed(method: Callable[..., Any]) -> Callable[..., Any]:
     """Count the RPC by method and status code, and turn any exception into its gRPC status."""
     name = method.__name__
 
-    async def fail(self: GenerationServicer, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         status = to_status(exc, name)
-        context.set_code(status.code)  # read back by _count
+        context.set_code(status.code)  # read back by GenerationServicer.count
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     if inspect.isasyncgenfunction(method):
@@ -56,7 +56,7 @@ def _observed(method: Callable[..., Any]) -> Callable[..., Any]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the one error boundary of the gRPC face
-                await fail(self, context, exc)
+                await fail(context, exc)
             finally:
                 self.count(name, context, t0)
 
@@ -70,7 +70,7 @@ def _observed(method: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the one error boundary of the gRPC face
-            await fail(self, context, exc)
+            await fail(context, exc)
         finally:
             self.count(name, context, t0)
 
@@ -80,7 +80,7 @@ def _observed(method: Callable[..., Any]) -> Callable[..., Any]:
 def _peer_host(peer: str) -> str | None:
     """``ipv4:127.0.0.1:5000`` -> ``127.0.0.1``; ``ipv6:[::1]:5000`` -> ``::1``."""
     _, _, address = peer.partition(":")
-    host = address.rsplit(":", 1)[0] if address.count(":") >= 1 else address
+    host = address.rsplit(":", 1)[0] if ":" in address else address  # without the port
     return host.strip("[]") or None
 
 

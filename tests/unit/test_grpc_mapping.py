@@ -15,6 +15,7 @@ from ldm_serve.jobview import job_view
 from service.grpc_api import convert
 from service.grpc_api.errors import STATUS_CODES, status_code, to_status
 from service.grpc_api.pb import generation_service_pb2 as pb
+from service.grpc_api.servicer import _peer_host
 
 HTTP_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 403: grpc.StatusCode.PERMISSION_DENIED,
@@ -112,3 +113,11 @@ def test_job_message_mirrors_the_rest_view() -> None:
                                                               struct_pb2.Value(string_value="x")])
     assert job.webhook.url == "https://h/x" and list(job.webhook.events) == [pb.WEBHOOK_EVENT_TYPE_COMPLETED]
     assert job.webhook.deliveries[0]["status"] == 500
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [("ipv4:127.0.0.1:5000", "127.0.0.1"), ("ipv6:[::1]:5000", "::1"), ("unix:/tmp/s", "/tmp/s"), ("", None)],
+)
+def test_the_quota_subject_of_an_anonymous_caller_is_its_address(peer: str, host: str | None) -> None:
+    assert _peer_host(peer) == host
