@@ -51,13 +51,17 @@ class GrpcServer:
 async def start_grpc_server(gw: Gateway, host: str, port: int) -> GrpcServer:
     """Serve the gRPC API on ``host:port`` (0: any free port; see :attr:`GrpcServer.port`)."""
     limit, _ = body_limit(gw.settings, next(iter(UPLOAD_PATHS)))  # the REST upload body limit
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    # no SO_REUSEPORT: a second gateway on the same port fails, as uvicorn does, instead of sharing it
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(gw), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"the gRPC API cannot listen on {host}:{port} (in use?): {exc}") from None
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     tracker = asyncio.create_task(_track_readiness(gw, health_servicer))
