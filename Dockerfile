@@ -60,9 +60,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/home/ldm/.cache \
     LDM_HOST=0.0.0.0 \
     LDM_PORT=8000 \
+    LDM_GRPC_PORT=50051 \
     LDM_MODEL_PATH=/models/bundled/bundled.safetensors
 WORKDIR /home/ldm
-EXPOSE 8000 9100
+EXPOSE 8000 50051 9100
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-m", "ldm_serve.healthcheck"]

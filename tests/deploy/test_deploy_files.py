@@ -153,6 +153,7 @@ def test_kubernetes_worker_contract() -> None:
 # --------------------------------------------------------------------------------------------- compose
 def test_compose_file_resolves_with_podman_compose() -> None:
     podman_compose = _need("podman-compose", "pip install podman-compose; part of the test extras")
+    _need("podman", "podman-compose runs `podman --version` first; apt-get install podman (.ci/run does)")
     env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "test"}
     res = _run([podman_compose, "-f", "docker-compose.yml", "-f", "deploy/compose/gpu.yml", "config"], env=env)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -168,6 +169,7 @@ def test_compose_file_resolves_with_podman_compose() -> None:
 
 def test_compose_refuses_to_start_grafana_without_a_password() -> None:
     podman_compose = _need("podman-compose", "pip install podman-compose; part of the test extras")
+    _need("podman", "podman-compose runs `podman --version` first; apt-get install podman (.ci/run does)")
     env = {k: v for k, v in os.environ.items() if k != "GRAFANA_ADMIN_PASSWORD"}
     res = _run([podman_compose, "-f", "docker-compose.yml", "config"], env=env)
     assert res.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in res.stdout + res.stderr
