@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 import types
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Header, Request
@@ -98,19 +99,30 @@ def request_fingerprint(kind: JobKind, req: BaseModel, inputs: tuple[bytes, byte
     return h.hexdigest()[:32]
 
 
-async def _submit(
+@dataclass(frozen=True)
+class Submitted:
+    """A job accepted by :func:`enqueue`: its id, whether it is an idempotent replay, extra headers."""
+
+    job_id: str
+    replayed: bool
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def enqueue(
     gw: Gateway,
     req: BaseModel,
     kind: JobKind,
     caller: Caller,
     subject: str,
     idempotency_key: str | None,
-    prefer: str | None,
     inputs: tuple[bytes, bytes, int, int] | None = None,
-) -> JSONResponse:
+) -> Submitted:
+    """Validate, admit and queue one job (or find the job of a reused ``Idempotency-Key``).
+
+    The one submission path of every face of the API (native routes, OpenAI images).
+    """
     s = gw.settings
     owner = caller.owner
-    wait_s = parse_prefer_wait(prefer, s.max_wait_s)
     fingerprint = request_fingerprint(kind, req, inputs)
     if idempotency_key is not None:
         if not 1 <= len(idempotency_key) <= IDEMPOTENCY_KEY_MAX:
@@ -118,7 +130,7 @@ async def _submit(
         existing = await gw.call(gw.store.find_idempotent, owner, idempotency_key)
         if existing is not None:
             check_idempotent_reuse(existing, fingerprint)
-            return await _respond(gw, existing[0], wait_s, replayed=True)
+            return Submitted(existing[0], replayed=True)
     data: dict[str, Any] = req.model_dump()
     webhook = None
     if data["webhook"]:
@@ -168,7 +180,22 @@ async def _submit(
         gw.metrics.jobs_submitted.labels(model, kind.value).inc()
     else:
         await gw.call(gw.limiter.release, subject, payload.job_id)
-    return await _respond(gw, job_id, wait_s, replayed=not created, extra_headers=admitted_headers(quota))
+    return Submitted(job_id, replayed=not created, headers=admitted_headers(quota))
+
+
+async def _submit(
+    gw: Gateway,
+    req: BaseModel,
+    kind: JobKind,
+    caller: Caller,
+    subject: str,
+    idempotency_key: str | None,
+    prefer: str | None,
+    inputs: tuple[bytes, bytes, int, int] | None = None,
+) -> JSONResponse:
+    wait_s = parse_prefer_wait(prefer, gw.settings.max_wait_s)
+    job = await enqueue(gw, req, kind, caller, subject, idempotency_key, inputs)
+    return await _respond(gw, job.job_id, wait_s, replayed=job.replayed, extra_headers=job.headers)
 
 
 async def _respond(
@@ -220,18 +247,7 @@ async def inpaint(
 ) -> JSONResponse:
     s = gw.settings
     if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
-        try:
-            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
-        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
-            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
-        files: dict[str, bytes] = {}
-        fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read(s.max_upload_bytes + 1)
-                files[key] = data
-            else:
-                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s)
+        files, fields = await read_multipart(request, gw.schemas.InpaintForm, s)
         for name in ("image", "mask"):
             if name not in files:
                 raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
@@ -264,6 +280,25 @@ async def inpaint(
     )
     subject = quota_subject(caller, request)
     return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
+
+
+async def read_multipart(
+    request: Request, form_model: type[BaseModel], settings: Settings
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A multipart body's file parts (bytes, read within ``max_upload_bytes`` + 1) and its text fields
+    converted to ``form_model``'s types (:func:`_form_value`); a later part of the same name wins."""
+    try:
+        form = await request.form(max_part_size=settings.max_upload_bytes + 1024)
+    except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+        raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
+    files: dict[str, bytes] = {}
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files[key] = await value.read(settings.max_upload_bytes + 1)
+        else:
+            fields[key] = _form_value(form_model, key, value, settings)
+    return files, fields
 
 
 _LIST_FIELDS = {"webhook_events_filter"}
