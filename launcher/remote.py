@@ -48,12 +48,18 @@ class Remote:
     """The API of one server: ``url`` (``LDM_URL``) and an optional bearer ``api_key`` (``LDM_API_KEY``)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 30.0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout_s = timeout_s
+        self.http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout_s)
 
     def close(self) -> None:
         self.http.close()
+
+    def reopen(self) -> None:
+        """Drop every connection and start afresh (after a Ctrl-C cut a request short)."""
+        self.http.close()
+        self.http = httpx.Client(base_url=self.url, headers=self._headers, timeout=self._timeout_s)
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:

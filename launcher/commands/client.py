@@ -102,6 +102,7 @@ def _on_interrupt(remote: Remote, job_id: str, args: argparse.Namespace) -> None
             answer = ""
         cancel = answer.strip().lower() in ("y", "yes")
     if cancel:
+        remote.reopen()
         view = remote.cancel(job_id)
         state = "canceled" if view["status"] == "canceled" else f"cancel requested (status {view['status']})"
         print(f"job {job_id}: {state}", file=sys.stderr, flush=True)
