@@ -13,6 +13,7 @@ import sys
 from typing import Any, TextIO
 
 PROGRESS_MODES = ("auto", "always", "never")
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} [{elapsed}]"
 
 
 def progress_enabled(mode: str, quiet: bool, stream: TextIO | None = None) -> bool:
@@ -47,10 +48,10 @@ class JobProgress:
         self._bars: dict[int, Any] = {}
         self._done: set[int] = set()
 
-    def _tqdm(self, **kw: Any) -> Any:
+    def _tqdm(self, leave: bool = True, **kw: Any) -> Any:
         from tqdm import tqdm
 
-        return tqdm(file=self.stream, dynamic_ncols=True, leave=True, mininterval=0, **kw)
+        return tqdm(file=self.stream, dynamic_ncols=True, leave=leave, mininterval=0, **kw)
 
     def queued(self, position: int | None) -> None:
         """The job waits in the queue (``position`` 0 = next)."""
@@ -58,12 +59,11 @@ class JobProgress:
             return
         text = "queued" + (f" (queue position {position})" if position is not None else "")
         if self._status is None:
-            self._status = self._tqdm(total=None, bar_format="{desc}")
+            self._status = self._tqdm(leave=False, total=None, bar_format="{desc}")  # gone once running
         self._status.set_description_str(text)
 
     def _close_status(self) -> None:
         if self._status is not None:
-            self._status.set_description_str("running", refresh=False)
             self._status.close()
             self._status = None
 
@@ -81,7 +81,8 @@ class JobProgress:
         bar = self._bars.get(i)
         if bar is None:
             seed = f" (seed {self.seeds[i]})" if self.seeds and i < len(self.seeds) else ""
-            bar = self._tqdm(total=total, desc=f"image {i}{seed}", unit="step")
+            # no rate: steps replayed from the event stream arrive in bursts
+            bar = self._tqdm(total=total, desc=f"image {i}{seed}", bar_format=BAR_FORMAT)
             self._bars[i] = bar
         elif bar.total != total:
             bar.total = total
