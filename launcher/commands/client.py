@@ -199,19 +199,20 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
+    return _query(args, lambda r: finish(r, r.job(args.job_id), args))
+
+
+def _query(args: argparse.Namespace, call: Any) -> Any:
+    """``call(remote)`` on a client of the server, closed afterwards."""
     remote = _remote(args)
     try:
-        return finish(remote, remote.job(args.job_id), args)
+        return call(remote)
     finally:
         remote.close()
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    remote = _remote(args)
-    try:
-        view = remote.cancel(args.job_id)
-    finally:
-        remote.close()
+    view = _query(args, lambda r: r.cancel(args.job_id))
     if args.json:
         _print_json(view)
     else:
@@ -220,11 +221,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    remote = _remote(args)
-    try:
-        page = remote.jobs(args.limit, args.status)
-    finally:
-        remote.close()
+    page = _query(args, lambda r: r.jobs(args.limit, args.status))
     if args.json:
         _print_json(page)
         return 0
@@ -236,11 +233,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    remote = _remote(args)
-    try:
-        models = remote.models()
-    finally:
-        remote.close()
+    models = _query(args, lambda r: r.models())
     if args.json:
         _print_json(models)
         return 0

@@ -91,6 +91,13 @@ def _step_hook(args: argparse.Namespace, seeds: list[int] | None) -> tuple[JobPr
     return progress, on_step
 
 
+def _sampling(args: argparse.Namespace, on_step: Any) -> dict[str, Any]:
+    """The keyword arguments ``txt2img`` and ``inpaint`` share, from the command line."""
+    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_images": args.n,
+            "seeds": args.seed, "steps": args.steps, "guidance_scale": args.guidance_scale, "eta": args.eta,
+            "on_step": on_step}
+
+
 def _seed_list(args: argparse.Namespace) -> list[int] | None:
     return [args.seed + i for i in range(args.n)] if args.seed is not None else None
 
@@ -100,18 +107,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     progress, on_step = _step_hook(args, _seed_list(args))
     with contextlib.closing(progress):
-        result = pipe.txt2img(
-            args.prompt,
-            args.negative_prompt,
-            num_images=args.n,
-            seeds=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            eta=args.eta,
-            width=args.width,
-            height=args.height,
-            on_step=on_step,
-        )
+        result = pipe.txt2img(**_sampling(args, on_step), width=args.width, height=args.height)
     _save(result.images, result.seeds, args.out)
     if not args.quiet:
         print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
@@ -126,18 +122,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     mask = Image.open(args.mask)
     progress, on_step = _step_hook(args, _seed_list(args))
     with contextlib.closing(progress):
-        result = pipe.inpaint(
-            image,
-            mask,
-            args.prompt,
-            args.negative_prompt,
-            num_images=args.n,
-            seeds=args.seed,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            eta=args.eta,
-            on_step=on_step,
-        )
+        result = pipe.inpaint(image, mask, **_sampling(args, on_step))
     _save(result.images, result.seeds, args.out)
     return 0
 
