@@ -1,4 +1,4 @@
-"""``ldm-serve client txt2img | inpaint | jobs | watch | cancel | models``: a running server's client.
+"""``ldm-serve client txt2img | img2img | inpaint | jobs | watch | cancel | models``: a running server's client.
 
 Talks to ``--url`` (``$LDM_URL``, default http://127.0.0.1:8000) with ``--api-key``
 (``$LDM_API_KEY``). Submitting prints the job id, follows the job (queue position while
@@ -198,6 +198,10 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     return _submit(args, "/v1/inpaint", files, mask_resize=args.mask_resize or None)
 
 
+def _cmd_img2img(args: argparse.Namespace) -> int:
+    return _submit(args, "/v1/img2img", {"image": Path(args.image).read_bytes()}, strength=args.strength)
+
+
 def _cmd_watch(args: argparse.Namespace) -> int:
     return _query(args, lambda r: finish(r, r.job(args.job_id), args))
 
@@ -302,6 +306,12 @@ def add_commands(sub: Any) -> None:
     t2i = csub.add_parser("txt2img", parents=[common, following], help="submit a text-to-image job and follow it")
     _job_args(t2i)
     t2i.set_defaults(func=_refusals(_cmd_txt2img))
+
+    i2i = csub.add_parser("img2img", parents=[common, following], help="submit an image-to-image job and follow it")
+    _job_args(i2i)
+    i2i.add_argument("--image", required=True, help="init image (PNG / JPEG / WebP)")
+    i2i.add_argument("--strength", type=float, help="in (0, 1]: how far from the image to go (server default 0.75)")
+    i2i.set_defaults(func=_refusals(_cmd_img2img))
 
     inp = csub.add_parser("inpaint", parents=[common, following], help="submit an inpainting job and follow it")
     _job_args(inp)

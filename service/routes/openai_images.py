@@ -43,7 +43,7 @@ from ldm_serve.jobview import image_url
 from service.bodies import read_json, require_media_type
 from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
 from service.images import has_alpha, load_image, prepare_inpaint_inputs, transparent_mask
-from service.routes.generate import Submitted, _first_error, enqueue, read_multipart
+from service.routes.generate import Submitted, Uploads, _first_error, enqueue, read_multipart
 from service.streams import wait_for_terminal
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
@@ -212,10 +212,11 @@ async def edits(
         image = image.resize(options.size, Image.Resampling.BICUBIC)
         mask = mask.resize(options.size, Image.Resampling.NEAREST)
     with size_errors(gw, options.size is not None):
-        inputs = await gw.call(
+        image_png, mask_png, width, height = await gw.call(
             prepare_inpaint_inputs, image, mask, width=None, height=None, resize_mask=False,
             max_width=s.max_width, max_height=s.max_height,
         )
+        inputs = Uploads({"image": image_png, "mask": mask_png}, width, height)
         job = await enqueue(
             gw, req, JobKind.INPAINT, caller, quota_subject(caller, request), idempotency_key, inputs
         )

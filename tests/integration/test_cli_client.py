@@ -121,6 +121,24 @@ def test_inpaint_is_quiet_off_a_terminal_and_keeps_unmasked_pixels(service: Serv
     assert np.array_equal(out[mask == 0], np.asarray(source)[mask == 0])
 
 
+def test_img2img_uploads_the_init_image_and_sends_strength(service: Service, tmp_path: Path) -> None:
+    grad = np.zeros((64, 64, 3), np.uint8)
+    grad[..., 0] = np.linspace(0, 255, 64, dtype=np.uint8)[None, :]
+    Image.fromarray(grad).save(tmp_path / "init.png")
+    proc = run_client(["img2img", "--url", service.url, "--prompt", "cli img2img", "--seed", "4", "--steps", "8",
+                       "--strength", "0.5", "--image", str(tmp_path / "init.png"), "--out-dir", str(tmp_path),
+                       "--json", "--progress", "always"])
+    assert proc.returncode == 0, proc.stderr
+    job = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert job["kind"] == "img2img" and job["parameters"]["strength"] == 0.5
+    assert job["progress"]["total"] == 4 and "step 4/4" in proc.stderr  # int(8 * 0.5) steps ran
+    assert Path(job["files"][0]["path"]).name == f"{job['id']}-0-seed4.png"
+    assert Image.open(job["files"][0]["path"]).size == (64, 64)  # the init image's size
+    refused = run_client(["img2img", "--url", service.url, "--prompt", "x", "--strength", "1.5",
+                          "--image", str(tmp_path / "init.png")])
+    assert refused.returncode == 2 and "strength" in refused.stderr and "HTTP 422" in refused.stderr
+
+
 def test_a_refused_request_prints_the_servers_message_and_exits_2(service: Service, tmp_path: Path) -> None:
     proc = run_client(["txt2img", "--url", service.url, "--prompt", "too wide", "--width", "1000",
                        "--out-dir", str(tmp_path)])
