@@ -213,6 +213,9 @@ _ERROR_SCHEMA = {
                 "message": {"type": "string", "description": "what is wrong, naming the field and the limit"},
                 "field": {"type": "string", "description": "the offending field (invalid_input only)"},
                 "request_id": {"type": "string", "description": "internal_error only: the id it is logged under"},
+                "param": {"type": ["string", "null"], "description": "/v1/images/ (OpenAI's envelope): the field"},
+                "code": {"type": "string", "description": "/v1/images/ (OpenAI's envelope): the error code"},
+                "job_id": {"type": "string", "description": "wait_timeout, job_failed: the job, to poll"},
             },
         }
     },
@@ -252,6 +255,11 @@ def _document_responses(doc: dict[str, Any]) -> None:
                     responses[code].setdefault("headers", {}).update(retry_after)
             if method == "post" and path in ("/v1/txt2img", "/v1/inpaint", "/v1/img2img"):
                 responses["200"] = {"description": "Finished within `Prefer: wait`",
+                                    "content": {"application/json": {"schema": {}}}}
+            if path.startswith(OPENAI_PATH_PREFIX):
+                responses["504"] = {"description": "Not done within openai_wait_s; `error.job_id` names the job",
+                                    "content": error}
+                responses["200"] = {"description": "OpenAI's ImagesResponse: `created`, `data[].b64_json` or `.url`",
                                     "content": {"application/json": {"schema": {}}}}
             if path.endswith("/cancel"):
                 responses["202"] = {"description": "The worker was asked to drop the running job",
