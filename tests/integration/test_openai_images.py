@@ -16,6 +16,7 @@ from openai import OpenAI
 from PIL import Image
 
 from tests.integration.conftest import COMMON, Service, start_gateway
+from tests.integration.test_service_api import wait_done
 from tests.serving_support import child_env, stop_process
 
 pytestmark = pytest.mark.integration
@@ -131,13 +132,15 @@ def test_edit_repaints_the_transparent_pixels_like_native_inpaint_repaints_white
 
     # the native route, with ldm-serve's convention (white = repaint), gives the very same image
     white = Image.fromarray(np.where(hole, 255, 0).astype(np.uint8), "L")
-    native = httpx.post(
-        f"{service.url}/v1/inpaint", headers={"Prefer": "wait=60"}, timeout=90,
-        files={"image": ("i.png", png(scene.convert("RGB"))), "mask": ("m.png", png(white))},
-        data={"prompt": "fill the hole", "steps": "4", "guidance_scale": "3.0", "seed": "21"},
-    )
-    assert native.status_code == 200 and native.json()["status"] == "succeeded"
-    image = httpx.get(f"{service.url}{native.json()['images'][0]['url']}", timeout=30).content
+    with service.client() as c:
+        submitted = c.post(
+            "/v1/inpaint", files={"image": ("i.png", png(scene.convert("RGB"))), "mask": ("m.png", png(white))},
+            data={"prompt": "fill the hole", "steps": "4", "guidance_scale": "3.0", "seed": "21"},
+        )
+        assert submitted.status_code == 202, submitted.text
+        job = wait_done(c, submitted.json()["id"])
+        assert job["status"] == "succeeded", job
+        image = c.get(job["images"][0]["url"]).content
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")), out)
 
     # no mask: the image's own transparent pixels are the mask (as OpenAI does)
