@@ -199,6 +199,11 @@ def test_ctrl_c_cancels_without_asking_when_told(queued_only: Service) -> None:
         assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "canceled"
 
 
-def test_without_the_key_the_client_reports_401(queued_only: Service) -> None:
-    proc = run_client(["jobs", "--url", queued_only.url], {**os.environ, "LDM_API_KEY": ""})
+def test_the_key_comes_from_api_key_or_the_environment_else_401(queued_only: Service) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LDM_API_KEY"}
+    proc = run_client(["jobs", "--url", queued_only.url], env)
     assert proc.returncode == 2 and "HTTP 401" in proc.stderr and "Bearer" in proc.stderr
+    given = run_client(["jobs", "--url", queued_only.url, "--api-key", KEY, "--json"], env)
+    assert given.returncode == 0 and json.loads(given.stdout)["object"] == "list"
+    wrong = run_client(["jobs", "--api-key", "not-the-key"], keyed_env(queued_only))  # the option wins
+    assert wrong.returncode == 2 and "not valid" in wrong.stderr
