@@ -1,7 +1,8 @@
 """The ``ldm-serve`` command line (the ``[project.scripts]`` entry point).
 
 ``generate``, ``img2img`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
-``worker`` run the service; ``export-onnx`` and ``hash-key`` are tools.
+``worker`` run the service; ``client`` talks to a running server; ``export-onnx`` and
+``hash-key`` are tools.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from launcher.commands import generate, keys, serve
+from launcher.commands import client, generate, keys, serve
 from ldm_serve.errors import LdmServeError
 
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     keys.add_commands(sub)
     serve.add_commands(sub)
+    client.add_commands(sub)
     return parser
 
 

@@ -23,6 +23,8 @@ the model code raises them and never thinks about transport codes.
     ├── Unauthorized                          -> 401  API keys are on and the request has no valid key
     ├── ResultNotReady                        -> 409  the image of a job is not (yet) stored
     ├── WebhookVerificationError (ValueError) -> 400  a received webhook's signature or timestamp is wrong
+    ├── WaitTimeout                           -> 504  a synchronous request (OpenAI images) outwaited its limit
+    ├── JobFailed                             -> 500  a job a synchronous request waited on did not succeed
     └── InternalError                         -> 500  an internal invariant failed (a bug; logged with a request id)
 """
 
@@ -226,6 +228,47 @@ class Forbidden(LdmServeError):
 
     def to_dict(self) -> dict[str, object]:
         return {"type": self.code, "field": self.field, "message": str(self)}
+
+
+class WaitTimeout(LdmServeError):
+    """A synchronous request (the OpenAI images routes) waited its limit and the job is not done.
+
+    The job keeps running: ``job_id`` names it so the client can poll ``GET /v1/jobs/{job_id}``.
+    """
+
+    http_status = 504
+    code = "wait_timeout"
+
+    def __init__(self, job_id: str, waited_s: int) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id} did not finish within {waited_s} s (openai_wait_s); it keeps running:"
+            f" poll GET /v1/jobs/{job_id} for it"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": self.code, "job_id": self.job_id, "message": str(self)}
+
+
+class JobFailed(LdmServeError):
+    """A job a synchronous request waited on ended failed, canceled or expired.
+
+    Args:
+        job_id: the job.
+        status: its terminal status.
+        reason: the job's error message (empty when it has none, as for a canceled job).
+    """
+
+    http_status = 500
+    code = "job_failed"
+
+    def __init__(self, job_id: str, status: str, reason: str = "") -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} ended {status}" + (f": {reason}" if reason else ""))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": self.code, "job_id": self.job_id, "status": self.status, "message": str(self)}
 
 
 class InternalError(LdmServeError):

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_upload_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     max_wait_s: int = Field(default=60, ge=0, le=60, description="longest Prefer: wait")
+    openai_wait_s: int = Field(
+        default=300, ge=1, le=3600,
+        description="longest wait of the synchronous OpenAI images routes; a job not done by then answers 504"
+        " with its id (it keeps running: poll /v1/jobs/{id})",
+    )
     max_metadata_bytes: int = Field(default=4096, ge=0)
     max_metadata_depth: int = Field(default=8, ge=1, description="nesting of `metadata` (its own object = 1)")
     max_json_depth: int = Field(

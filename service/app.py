@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds an app bound to one settings object; nothing is
 read from the environment here. ``ldm_serve.errors`` are mapped to HTTP status
-codes by exactly one exception handler (:func:`error_response`).
+codes by exactly one exception handler (:func:`error_response`), which renders the
+native error body, or OpenAI's error envelope under ``/v1/images/`` (same codes).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from ldm_serve.api_keys import load_keyring
 from ldm_serve.errors import (
     InternalError,
     InvalidInput,
+    JobFailed,
     LdmServeError,
     PayloadTooLarge,
     QueueFull,
     QueueUnavailable,
     RateLimited,
     Unauthorized,
+    WaitTimeout,
 )
 from ldm_serve.jobstore import JobStore, connect
 from ldm_serve.quotas import QuotaLimiter
@@ -46,20 +49,36 @@ from service.admission import rate_limit_headers
 from service.bodies import BodyLimitMiddleware, body_limit
 from service.deps import Gateway
 from service.metrics import GatewayMetrics
-from service.routes import generate, jobs, system
+from service.routes import generate, jobs, openai_images, system
 from service.schemas import build_schemas
 from service.streams import KEEPALIVE_MS
 
 log = logging.getLogger("ldm_serve.gateway")
 
+OPENAI_PATH_PREFIX = "/v1/images/"  # the OpenAI-compatible face (service/routes/openai_images.py)
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for a client that hung up before the answer
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def error_response(exc: LdmServeError, request_id: str | None = None) -> JSONResponse:
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 429: "rate_limit_error"}
+
+
+def openai_error(exc: LdmServeError, body: dict[str, object]) -> dict[str, object]:
+    """OpenAI's error object for ``exc``: ``message``, ``type`` (OpenAI's class of error), ``param``
+    (the field, when one is at fault) and ``code`` (ldm-serve's own error code), plus the native
+    body's other keys (``job_id``, ``request_id``, ``limit``)."""
+    status = exc.http_status
+    kind = "server_error" if status >= 500 else _OPENAI_TYPES.get(status, "invalid_request_error")
+    rest = {k: v for k, v in body.items() if k not in ("type", "field", "message")}
+    return {"message": str(exc), "type": kind, "param": getattr(exc, "field", None), "code": exc.code, **rest}
+
+
+def error_response(exc: LdmServeError, request_id: str | None = None, path: str = "") -> JSONResponse:
     """The one mapping from ``ldm_serve.errors`` to an HTTP response (``request_id``: an internal
-    error's id, in the body and the ``X-Request-ID`` header, as logged with its traceback)."""
+    error's id, in the body and the ``X-Request-ID`` header, as logged with its traceback). Under
+    ``/v1/images/`` (``path``) the body is OpenAI's error envelope (:func:`openai_error`)."""
     headers: dict[str, str] = {}
     body = exc.to_dict()
     if request_id is not None:
@@ -75,7 +94,21 @@ def error_response(exc: LdmServeError, request_id: str | None = None) -> JSONRes
         headers["Connection"] = "close"  # stop reading the rest of the body: the server closes after answering
     elif isinstance(exc, RateLimited):
         headers.update(rate_limit_headers(exc))
+    elif isinstance(exc, WaitTimeout | JobFailed):
+        headers["Location"] = f"/v1/jobs/{exc.job_id}"
+        headers["X-Should-Retry"] = "false"  # the job was queued: the OpenAI client must not queue another
+    if path.startswith(OPENAI_PATH_PREFIX):
+        body = openai_error(exc, body)
     return JSONResponse({"error": body}, status_code=exc.http_status, headers=headers)
+
+
+def _reject(exc: LdmServeError) -> Any:
+    """The body-limit middleware's answer (413) as an ASGI app, rendered for the request's path."""
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await error_response(exc, path=scope.get("path", ""))(scope, receive, send)
+
+    return answer
 
 
 def request_id_of(request: Request) -> str:
@@ -95,27 +128,29 @@ def internal_error_response(request: Request, exc: BaseException) -> JSONRespons
     error = exc if isinstance(exc, InternalError) else InternalError(
         "the server failed to process the request; quote the request id when reporting it"
     )
-    return error_response(error, request_id)
+    return error_response(error, request_id, request.url.path)
 
 
 async def _handle_ldm_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, InternalError) or not isinstance(exc, LdmServeError):
         return internal_error_response(request, exc)
-    return error_response(exc)
+    return error_response(exc, path=request.url.path)
 
 
-async def _handle_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's own parameter validation (path/query/header) in the same error shape."""
     assert isinstance(exc, RequestValidationError)
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]
-    return error_response(InvalidInput(".".join(loc) or "request", err.get("msg", "invalid")))
+    error = InvalidInput(".".join(loc) or "request", err.get("msg", "invalid"))
+    return error_response(error, path=request.url.path)
 
 
 async def _handle_client_disconnect(request: Request, _exc: Exception) -> JSONResponse:
     """A client that hangs up mid-body is routine: one info line, no traceback (nobody reads the answer)."""
     log.info("client disconnected before sending the whole body: %s %s", request.method, request.url.path)
-    response = error_response(InvalidInput("body", "the client disconnected before sending the whole body"))
+    error = InvalidInput("body", "the client disconnected before sending the whole body")
+    response = error_response(error, path=request.url.path)
     response.status_code = CLIENT_CLOSED_REQUEST  # counted apart from bad input in ldm_http_requests_total
     return response
 
@@ -178,6 +213,9 @@ _ERROR_SCHEMA = {
                 "message": {"type": "string", "description": "what is wrong, naming the field and the limit"},
                 "field": {"type": "string", "description": "the offending field (invalid_input only)"},
                 "request_id": {"type": "string", "description": "internal_error only: the id it is logged under"},
+                "param": {"type": ["string", "null"], "description": "/v1/images/ (OpenAI's envelope): the field"},
+                "code": {"type": "string", "description": "/v1/images/ (OpenAI's envelope): the error code"},
+                "job_id": {"type": "string", "description": "wait_timeout, job_failed: the job, to poll"},
             },
         }
     },
@@ -217,6 +255,11 @@ def _document_responses(doc: dict[str, Any]) -> None:
                     responses[code].setdefault("headers", {}).update(retry_after)
             if method == "post" and path in ("/v1/txt2img", "/v1/inpaint", "/v1/img2img"):
                 responses["200"] = {"description": "Finished within `Prefer: wait`",
+                                    "content": {"application/json": {"schema": {}}}}
+            if path.startswith(OPENAI_PATH_PREFIX):
+                responses["504"] = {"description": "Not done within openai_wait_s; `error.job_id` names the job",
+                                    "content": error}
+                responses["200"] = {"description": "OpenAI's ImagesResponse: `created`, `data[].b64_json` or `.url`",
                                     "content": {"application/json": {"schema": {}}}}
             if path.endswith("/cancel"):
                 responses["202"] = {"description": "The worker was asked to drop the running job",
@@ -282,7 +325,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
     # Innermost middleware: an oversize body raises PayloadTooLarge inside the route (-> 413).
-    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path), reject=error_response)
+    app.add_middleware(BodyLimitMiddleware, limit_for=lambda path: body_limit(settings, path), reject=_reject)
 
     @app.middleware("http")
     async def internal_errors(request: Request, call_next: Any) -> Any:
@@ -314,5 +357,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(system.router)
+    app.include_router(openai_images.router)
     app.openapi = lambda: _openapi_with_bodies(app, schemas)  # type: ignore[method-assign]
     return app

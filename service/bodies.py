@@ -29,7 +29,7 @@ _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
 # Paths whose bodies may carry uploads (base64 images or multipart files).
-UPLOAD_PATHS = frozenset({"/v1/inpaint", "/v1/img2img"})
+UPLOAD_PATHS = frozenset({"/v1/inpaint", "/v1/img2img", "/v1/images/edits"})
 
 
 def check_json_depth(data: bytes, max_depth: int, field: str = "body", max_structure: int | None = None) -> None:

@@ -82,6 +82,23 @@ def to_png(img: Image.Image, mode: str) -> bytes:
     return buf.getvalue()
 
 
+def has_alpha(img: Image.Image) -> bool:
+    """Whether ``img`` carries transparency (an alpha band, or a palette / greyscale transparency key)."""
+    return "A" in img.getbands() or "transparency" in img.info
+
+
+def transparent_mask(field: str, img: Image.Image) -> Image.Image:
+    """OpenAI's edit mask turned into ldm-serve's: an ``L`` mask, white (repaint) where ``img`` is fully
+    transparent (alpha 0), black elsewhere. ``img`` must carry transparency (InvalidInput naming ``field``)."""
+    if not has_alpha(img):
+        raise InvalidInput(
+            field, "has no alpha channel: the OpenAI edits mask marks the area to repaint with transparent "
+            "(alpha = 0) pixels; use a PNG with transparency (or /v1/inpaint, where white = repaint)",
+        )
+    alpha = img.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
 def prepare_inpaint_inputs(
     image: Image.Image,
     mask: Image.Image,

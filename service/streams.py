@@ -35,7 +35,8 @@ async def wait_for_terminal(gw: Gateway, job_id: str, timeout_s: float) -> bool:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return False
-            res = await gw.aredis.xread({key: last}, block=left_ms, count=200)
+            # in slices no longer than an SSE keep-alive: the async client's socket timeout is sized for those
+            res = await gw.aredis.xread({key: last}, block=min(left_ms, KEEPALIVE_MS), count=200)
             for _stream, entries in res or []:
                 for entry_id, fields in entries:
                     last = entry_id.decode()

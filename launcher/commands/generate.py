@@ -6,11 +6,13 @@ Heavy imports (torch) happen inside the subcommands so ``--help`` is fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from launcher.progress import JobProgress, add_progress_args, progress_enabled
 from ldm_serve.limits import STRENGTH_DEFAULT
 
 
@@ -42,6 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", "--scale", dest="guidance_scale", type=float, default=7.5)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--out", required=True, help="output PNG path; with --n > 1, '-<i>' is added before the suffix")
+    add_progress_args(p)
 
 
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch imported lazily
@@ -76,22 +79,39 @@ def _save(images: list, seeds: list[int], out: str) -> None:
         print(f"{path}  seed={seed}")
 
 
+def _step_hook(args: argparse.Namespace, seeds: list[int] | None) -> tuple[JobProgress, Any]:
+    """Bars of steps per image (``--n``) and the pipeline's ``on_step`` hook that moves them."""
+    progress = JobProgress(progress_enabled(args.progress, args.quiet), args.n, seeds)
+
+    def on_step(rows: list[Any]) -> None:
+        for r in rows:  # r: ldm.pipeline.RowProgress
+            progress.step(r.step, r.total, row=r.row)
+            if r.step == r.total:
+                progress.image_done(r.row)
+
+    return progress, on_step
+
+
+def _sampling(args: argparse.Namespace, on_step: Any) -> dict[str, Any]:
+    """The keyword arguments ``txt2img`` and ``inpaint`` share, from the command line."""
+    return {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_images": args.n,
+            "seeds": args.seed, "steps": args.steps, "guidance_scale": args.guidance_scale, "eta": args.eta,
+            "on_step": on_step}
+
+
+def _seed_list(args: argparse.Namespace) -> list[int] | None:
+    return [args.seed + i for i in range(args.n)] if args.seed is not None else None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     pipe = _load(args)
     t0 = time.perf_counter()
-    result = pipe.txt2img(
-        args.prompt,
-        args.negative_prompt,
-        num_images=args.n,
-        seeds=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        eta=args.eta,
-        width=args.width,
-        height=args.height,
-    )
+    progress, on_step = _step_hook(args, _seed_list(args))
+    with contextlib.closing(progress):
+        result = pipe.txt2img(**_sampling(args, on_step), width=args.width, height=args.height)
     _save(result.images, result.seeds, args.out)
-    print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if not args.quiet:
+        print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -101,17 +121,9 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     pipe = _load(args)
     image = Image.open(args.image)
     mask = Image.open(args.mask)
-    result = pipe.inpaint(
-        image,
-        mask,
-        args.prompt,
-        args.negative_prompt,
-        num_images=args.n,
-        seeds=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        eta=args.eta,
-    )
+    progress, on_step = _step_hook(args, _seed_list(args))
+    with contextlib.closing(progress):
+        result = pipe.inpaint(image, mask, **_sampling(args, on_step))
     _save(result.images, result.seeds, args.out)
     return 0
 
@@ -125,19 +137,12 @@ def _cmd_img2img(args: argparse.Namespace) -> int:
     image = fit_image(image, args.width or image.size[0], args.height or image.size[1])
     pipe = _load(args)
     t0 = time.perf_counter()
-    result = pipe.img2img(
-        image,
-        args.prompt,
-        args.negative_prompt,
-        strength=args.strength,
-        num_images=args.n,
-        seeds=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        eta=args.eta,
-    )
+    progress, on_step = _step_hook(args, _seed_list(args))
+    with contextlib.closing(progress):
+        result = pipe.img2img(image, strength=args.strength, **_sampling(args, on_step))
     _save(result.images, result.seeds, args.out)
-    print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if not args.quiet:
+        print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     return 0
 
 

@@ -111,17 +111,7 @@ async def read_uploads(
     s = gw.settings
     raw: dict[str, bytes] = {}
     if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
-        try:
-            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
-        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
-            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
-        files: dict[str, bytes] = {}
-        fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files[key] = await value.read(s.max_upload_bytes + 1)
-            else:
-                fields[key] = _form_value(form_model, key, value, s)
+        files, fields = await read_multipart(request, form_model, s)
         for name in names:
             if name not in files:
                 parts = " and ".join(f"{'an' if n[0] in 'aeiou' else 'a'} `{n}`" for n in names)
@@ -153,6 +143,25 @@ async def inpaint(
     inputs = await inpaint_inputs(gw, req, images)
     subject = quota_subject(caller, request)
     return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
+
+
+async def read_multipart(
+    request: Request, form_model: type[BaseModel], settings: Settings
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A multipart body's file parts (bytes, read within ``max_upload_bytes`` + 1) and its text fields
+    converted to ``form_model``'s types (:func:`_form_value`); a later part of the same name wins."""
+    try:
+        form = await request.form(max_part_size=settings.max_upload_bytes + 1024)
+    except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+        raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
+    files: dict[str, bytes] = {}
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files[key] = await value.read(settings.max_upload_bytes + 1)
+        else:
+            fields[key] = _form_value(form_model, key, value, settings)
+    return files, fields
 
 
 @router.post(
