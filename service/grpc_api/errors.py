@@ -29,6 +29,7 @@ from ldm_serve.errors import (
     Forbidden,
     InternalError,
     InvalidInput,
+    JobFailed,
     JobNotFound,
     LdmServeError,
     ModelError,
@@ -41,6 +42,7 @@ from ldm_serve.errors import (
     Unauthorized,
     UnknownModel,
     UnsupportedMediaType,
+    WaitTimeout,
     WebhookVerificationError,
 )
 
@@ -67,6 +69,8 @@ STATUS_CODES: dict[type[LdmServeError], grpc.StatusCode] = {
     CheckpointError: grpc.StatusCode.INTERNAL,
     TokenizerFilesMissing: grpc.StatusCode.INTERNAL,
     InternalError: grpc.StatusCode.INTERNAL,  # 500
+    WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,  # 504 (synchronous OpenAI routes; no RPC waits)
+    JobFailed: grpc.StatusCode.INTERNAL,  # 500 (a waited-on job ended failed/canceled/expired)
     LdmServeError: grpc.StatusCode.INTERNAL,
 }
 """Every class of :mod:`ldm_serve.errors` (a unit test keeps it complete), with the REST code it matches."""
