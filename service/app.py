@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds an app bound to one settings object; nothing is
 read from the environment here. ``ldm_serve.errors`` are mapped to HTTP status
 codes by exactly one exception handler (:func:`error_response`), which renders the
-native error body, or OpenAI's error envelope under ``/v1/images/`` (same codes).
+native error body, or OpenAI's error envelope under ``/v1/images/`` (same codes, but 400 for 422).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
+# OpenAI answers a bad parameter with 400 (the client's BadRequestError), where the native API says 422
+OPENAI_STATUS = {422: 400}
 _OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                  429: "rate_limit_error"}
 
@@ -97,9 +99,11 @@ def error_response(exc: LdmServeError, request_id: str | None = None, path: str 
     elif isinstance(exc, WaitTimeout | JobFailed):
         headers["Location"] = f"/v1/jobs/{exc.job_id}"
         headers["X-Should-Retry"] = "false"  # the job was queued: the OpenAI client must not queue another
+    status = exc.http_status
     if path.startswith(OPENAI_PATH_PREFIX):
         body = openai_error(exc, body)
-    return JSONResponse({"error": body}, status_code=exc.http_status, headers=headers)
+        status = OPENAI_STATUS.get(status, status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def _reject(exc: LdmServeError) -> Any:
@@ -257,6 +261,10 @@ def _document_responses(doc: dict[str, Any]) -> None:
                 responses["200"] = {"description": "Finished within `Prefer: wait`",
                                     "content": {"application/json": {"schema": {}}}}
             if path.startswith(OPENAI_PATH_PREFIX):
+                for native, openai_code in OPENAI_STATUS.items():
+                    responses[str(openai_code)] = {"description": "A field is out of range; `error.param` names it",
+                                                   "content": error}
+                    responses.pop(str(native), None)
                 responses["504"] = {"description": "Not done within openai_wait_s; `error.job_id` names the job",
                                     "content": error}
                 responses["200"] = {"description": "OpenAI's ImagesResponse: `created`, `data[].b64_json` or `.url`",
