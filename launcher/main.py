@@ -1,7 +1,7 @@
 """The ``ldm-serve`` command line (the ``[project.scripts]`` entry point).
 
 ``generate`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
-``worker`` run the service; ``export-onnx`` and ``hash-key`` are tools.
+``worker`` run the service; ``export-onnx``, ``export-triton`` and ``hash-key`` are tools.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from launcher.commands import generate, keys, serve
+from launcher.commands import export_triton, generate, keys, serve
 from ldm_serve.errors import LdmServeError
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     keys.add_commands(sub)
     serve.add_commands(sub)
+    export_triton.add_commands(sub)
     return parser
 
 
