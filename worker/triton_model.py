@@ -173,6 +173,9 @@ def load_triton_pipeline(settings: TritonModelSettings) -> tuple[Any, str]:
     if backend != "eager":
         report = apply_backend(pipeline, backend, cache_dir=settings.compile_cache)
         summary = report.summary()
+    workers = pipeline.core_pool.workers if pipeline.core_pool is not None else 1
+    summary += (f"; torch threads {torch.get_num_threads()}, core workers {workers}, "
+                f"batch-invariant {pipeline.batch_invariant}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-')}")
     return pipeline, summary
 
 
