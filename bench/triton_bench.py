@@ -175,7 +175,7 @@ def bench_rq(args: argparse.Namespace, env: dict[str, str], tmp: Path, batching:
         stop(proc)
 
 
-def report(args: argparse.Namespace, runs: list[Run]) -> str:
+def report(args: argparse.Namespace, runs: list[Run], load_before: float) -> str:
     import torch
 
     model = args.model or "bundled (models/bundled)"
@@ -184,7 +184,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> str:
         f"{args.clients} concurrent clients, {args.requests} one-image requests each path (closed loop, after one "
         f"warm-up), max {args.max_batch_rows} rows a batch; torchscript on both paths; {platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, python {platform.python_version()}; "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}. One run.",
+        f"{datetime.now(timezone.utc):%Y-%m-%d}; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (other jobs on the machine). One run.",
         "",
         "| path | images/s | p50 latency (s) | p90 latency (s) | mean latency (s) |",
         "|---|---:|---:|---:|---:|",
@@ -210,6 +211,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     runs = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="triton-bench-") as tmp:
         env["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         for path in args.paths.split(","):
@@ -220,7 +222,7 @@ def main() -> int:
             else:
                 runs.append(bench_rq(args, env, where, "request" if path == "rq-request" else "continuous"))
             print(f"{runs[-1].path}: {runs[-1].images_per_s:.2f} images/s", file=sys.stderr, flush=True)
-    print(report(args, runs))
+    print(report(args, runs, load_before))
     return 0
 
 
