@@ -5,8 +5,8 @@ One server, three models, over KServe v2 (``tritonclient``):
 
 * ``shapes-ldm-f4``: the committed ``model_repository/`` as it is (eager, the bundled model by reference);
 * ``ldm-torchscript``: a fresh self-contained export of the bundled model with ``--backend torchscript``
-  (weights and TorchScript files inside the repository), with a long batching window so that the
-  concurrent requests below reach ``execute`` together;
+  (weights and TorchScript files inside the repository), with a long batching window and a maximum
+  batch of exactly the rows sent below, so that the concurrent requests reach ``execute`` together;
 * ``ldm-inpaint``: an export of a tiny random inpainting checkpoint (``IMAGE`` + ``MASK`` inputs).
 
 Concurrent requests with different prompts, seeds, steps and guidance go through each
@@ -58,6 +58,7 @@ GROUPS = (
 )
 # requests as (group, first row, rows): one two-row request, the rest one row each
 REQUESTS = ((0, 0, 2), (0, 2, 1), (1, 0, 1), (1, 1, 1), (1, 2, 1))
+ROWS_SENT = sum(r[2] for r in REQUESTS) + 1  # and one bad one-row request
 
 
 def _env(cache: Path) -> dict[str, str]:
@@ -93,8 +94,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("triton")
     env = _env(tmp / "cache")
     repo = tmp / "repo"
+    # max batch = the 7 rows _send_concurrently sends: the batcher dispatches them together as soon as all
+    # have arrived, and the long window only matters if one straggles
     _cli(["export-triton", "--out", str(repo), "--name", TS_MODEL, "--backend", "torchscript",
-          "--queue-delay-ms", "5000"], env)  # fmt: skip
+          "--max-batch-size", str(ROWS_SENT), "--queue-delay-ms", "30000"], env)  # fmt: skip
     ckpt = write_original_checkpoint(TINY_SD1_INPAINT, tmp / "inpaint" / "tiny-inpaint.ckpt")
     _cli(["export-triton", "--out", str(repo), "--name", INPAINT_MODEL, "--model", str(ckpt)], env)
     ports = [free_port() for _ in range(3)]
@@ -158,14 +161,12 @@ def _references(server: Server, backend: str) -> list[list[np.ndarray]]:
     return out
 
 
-def _send_concurrently(server: Server, model: str, bad: bool = True) -> list:
-    """Every request of ``REQUESTS`` (plus one with STEPS=0) at once, one client per thread."""
+def _send_concurrently(server: Server, model: str) -> list:
+    """Every request of ``REQUESTS`` plus one with STEPS=0, at once, one client per thread."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    jobs = [_rows(*r) for r in REQUESTS]
-    if bad:
-        jobs.append([{**_rows(0, 0, 1)[0], "steps": 0}])
+    jobs = [_rows(*r) for r in REQUESTS] + [[{**_rows(0, 0, 1)[0], "steps": 0}]]
 
     def one(rows: list[dict]) -> object:
         client = httpclient.InferenceServerClient(server.http, network_timeout=600.0, connection_timeout=60.0)
@@ -198,17 +199,17 @@ def test_images_equal_ldm_serve_generate(server: Server, model: str, backend: st
 
 
 def test_dynamic_batching_runs_requests_together(server: Server) -> None:
-    """The 5 s batching window of ``ldm-torchscript`` puts concurrent requests into one ``execute``."""
+    """The long batching window of ``ldm-torchscript`` puts concurrent requests into one ``execute``."""
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.http)
     try:
-        _send_concurrently(server, TS_MODEL, bad=False)
+        _send_concurrently(server, TS_MODEL)
         stats = client.get_inference_statistics(TS_MODEL)["model_stats"][0]
         config = client.get_model_config(TS_MODEL)
     finally:
         client.close()
-    assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+    assert config["max_batch_size"] == ROWS_SENT and "dynamic_batching" in config
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     sizes = [int(b["batch_size"]) for b in stats["batch_stats"]]
     assert max(sizes) > 1, stats["batch_stats"]
