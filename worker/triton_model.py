@@ -176,6 +176,8 @@ def load_triton_pipeline(settings: TritonModelSettings) -> tuple[Any, str]:
     workers = pipeline.core_pool.workers if pipeline.core_pool is not None else 1
     summary += (f"; torch threads {torch.get_num_threads()}, core workers {workers}, "
                 f"batch-invariant {pipeline.batch_invariant}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-')}")
+    if pipeline.untrained:
+        summary = "UNTRAINED random model (no bundled model installed: outputs are noise); " + summary
     return pipeline, summary
 
 
