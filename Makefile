@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install up test lint clean reliability deploy-test
+.PHONY: install up test lint clean reliability deploy-test triton-venv triton-test
 
 # torch is pinned and installed first: the CPU wheel on this machine, not a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -36,5 +36,20 @@ reliability: install
 deploy-test: install
 	$(PY) -m pytest -q -m deploy tests/deploy -p no:cacheprovider
 
+# The Triton test (docs/triton.md): its own venv, because the python backend's stub needs numpy<2.
+# torch==2.13.0 first, then ldm-serve (editable) with nvidia-pytriton (tritonserver) and tritonclient.
+TRITON_VENV ?= .venv-triton
+$(TRITON_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TRITON_VENV)/bin/python -m pip install -q -e '.[triton]'
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.installed
+
+triton-test: triton-venv
+	$(TRITON_VENV)/bin/python -m pytest -q -m triton tests/tritonserver
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .ruff_cache

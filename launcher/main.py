@@ -1,7 +1,7 @@
 """The ``ldm-serve`` command line (the ``[project.scripts]`` entry point).
 
 ``generate``, ``img2img`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
-``worker`` run the service; ``client`` talks to a running server; ``export-onnx`` and
+``worker`` run the service; ``client`` talks to a running server; ``export-onnx``, ``export-triton`` and
 ``hash-key`` are tools.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from launcher.commands import client, generate, keys, serve
+from launcher.commands import client, export_triton, generate, keys, serve
 from ldm_serve.errors import LdmServeError
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_commands(sub)
     serve.add_commands(sub)
     client.add_commands(sub)
+    export_triton.add_commands(sub)
     return parser
 
 

@@ -43,6 +43,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", "--scale", dest="guidance_scale", type=float, default=7.5)
     p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--backend", default="eager", choices=["eager", "auto", "torchscript", "inductor", "cudagraphs",
+                   "tensorrt"], help="UNet/decoder execution backend (ldm/backends; default eager)")
     p.add_argument("--out", required=True, help="output PNG path; with --n > 1, '-<i>' is added before the suffix")
     add_progress_args(p)
 
@@ -59,7 +61,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch
     if fallback:
         print("WARNING: no trained model is installed; using a tiny RANDOM, UNTRAINED model "
               "(outputs are noise)", file=sys.stderr)
-    return load_pipeline(
+    pipeline = load_pipeline(
         path,
         args.config,
         device=args.device,
@@ -68,6 +70,14 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns a pipeline, torch
         tokenizer_dir=args.tokenizer,
         text_encoder=args.text_encoder,
     )
+    backend = getattr(args, "backend", "eager")
+    if backend != "eager":
+        from ldm.backends import apply_backend, resolve_backend
+        from ldm_serve.models import cache_dir
+
+        report = apply_backend(pipeline, resolve_backend(backend, pipeline.device), cache_dir=cache_dir() / "compiled")
+        print(report.summary(), file=sys.stderr)
+    return pipeline
 
 
 def _save(images: list, seeds: list[int], out: str) -> None:

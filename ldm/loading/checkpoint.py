@@ -139,7 +139,9 @@ _NUMPY_DTYPE_CLASSES: tuple[type, ...] = tuple(
 
 
 def _numpy_safe_globals() -> list[Any]:
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    # numpy 2 moved it to numpy._core; numpy 1.26 has a numpy._core without multiarray
+    core = getattr(np, "_core", None)
+    scalar = core.multiarray.scalar if hasattr(core, "multiarray") else np.core.multiarray.scalar
     return [
         (scalar, "numpy.core.multiarray.scalar"),  # pickled by numpy 1.x
         (scalar, "numpy._core.multiarray.scalar"),  # pickled by numpy 2.x
