@@ -1,7 +1,9 @@
 """Reading a job's event stream: server-sent events and ``Prefer: wait``.
 
 The worker appends ``status`` / ``progress`` / ``image`` entries to the job's Redis
-stream; stream ids give a total order, and ``Last-Event-ID`` resumes a stream.
+stream; stream ids give a total order, and ``Last-Event-ID`` resumes a stream. While the
+job is queued the SSE stream also sends ``queue`` events (``{"position": n}``, 0-based, jobs
+ahead of this one) whenever the position changes; they carry no id (they are not stream entries).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ldm_serve.contract import TERMINAL_STATUSES, EventType
 from service.deps import Gateway, translate_async_redis
 
 KEEPALIVE_MS = 15_000
+QUEUE_POLL_MS = 1_000  # how often a queued job's SSE stream re-reads its queue position
 
 
 def _decode(fields: dict[bytes, bytes]) -> tuple[str, dict[str, Any]]:
@@ -51,28 +54,48 @@ async def sse_stream(
     last_event_id: str | None,
     is_disconnected: Callable[[], Awaitable[bool]],
     final_view: Callable[[], Awaitable[dict[str, Any]]],
+    queue_position: Callable[[], Awaitable[int | None]] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE frames for every stream entry after ``last_event_id``; ends with a ``done`` event."""
+    """SSE frames for every stream entry after ``last_event_id``; ends with a ``done`` event.
+
+    ``queue_position``: the job's position while it is queued (None once it is not); polled
+    every :data:`QUEUE_POLL_MS` until the job leaves the queue, and sent as ``queue`` events.
+    """
     key = gw.store.keys.events(job_id)
     last = last_event_id or "0"
+    queued = queue_position is not None
+    position: int | None = None
+    sent = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
         if await is_disconnected():
             return
         try:
-            res = await gw.aredis.xread({key: last}, block=KEEPALIVE_MS, count=200)
+            if queued and queue_position is not None:
+                now = await queue_position()
+                queued = now is not None
+                if now is not None and now != position:
+                    position, sent = now, time.monotonic()
+                    yield f"event: queue\ndata: {json.dumps({'position': now})}\n\n"
+            block = QUEUE_POLL_MS if queued else KEEPALIVE_MS
+            res = await gw.aredis.xread({key: last}, block=block, count=200)
         except Exception as exc:  # noqa: BLE001 - the stream ends; the client may reconnect with Last-Event-ID
             err = translate_async_redis(exc)
             yield f"event: error\ndata: {json.dumps({'type': 'queue_unavailable', 'message': str(err)})}\n\n"
             return
         if not res:
-            yield ": keep-alive\n\n"
+            if time.monotonic() - sent >= KEEPALIVE_MS / 1000 - 0.5:
+                sent = time.monotonic()
+                yield ": keep-alive\n\n"
             continue
+        sent = time.monotonic()
         for _stream, entries in res:
             for entry_id, fields in entries:
                 last = entry_id.decode()
                 type_, data = _decode(fields)
                 yield f"id: {last}\nevent: {type_}\ndata: {json.dumps(data)}\n\n"
+                if type_ == EventType.STATUS.value and data.get("status") != "queued":
+                    queued = False
                 if is_terminal_event(type_, data):
                     yield f"event: done\ndata: {json.dumps(await final_view())}\n\n"
                     return
