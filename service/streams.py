@@ -8,12 +8,14 @@ ahead of this one) whenever the position changes; they carry no id (they are not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ldm_serve.contract import TERMINAL_STATUSES, EventType
+from ldm_serve.errors import QueueUnavailable
 from service.deps import Gateway, translate_async_redis
 
 KEEPALIVE_MS = 15_000
@@ -71,31 +73,30 @@ async def sse_stream(
         if await is_disconnected():
             return
         try:
-            if queued and queue_position is not None:
-                now = await queue_position()
-                queued = now is not None
-                if now is not None and now != position:
-                    position, sent = now, time.monotonic()
-                    yield f"event: queue\ndata: {json.dumps({'position': now})}\n\n"
             block = QUEUE_POLL_MS if queued else KEEPALIVE_MS
             res = await gw.aredis.xread({key: last}, block=block, count=200)
         except Exception as exc:  # noqa: BLE001 - the stream ends; the client may reconnect with Last-Event-ID
             err = translate_async_redis(exc)
             yield f"event: error\ndata: {json.dumps({'type': 'queue_unavailable', 'message': str(err)})}\n\n"
             return
-        if not res:
-            if time.monotonic() - sent >= KEEPALIVE_MS / 1000 - 0.5:
-                sent = time.monotonic()
-                yield ": keep-alive\n\n"
-            continue
-        sent = time.monotonic()
-        for _stream, entries in res:
+        for _stream, entries in res or []:
             for entry_id, fields in entries:
                 last = entry_id.decode()
                 type_, data = _decode(fields)
+                sent = time.monotonic()
                 yield f"id: {last}\nevent: {type_}\ndata: {json.dumps(data)}\n\n"
                 if type_ == EventType.STATUS.value and data.get("status") != "queued":
                     queued = False
                 if is_terminal_event(type_, data):
                     yield f"event: done\ndata: {json.dumps(await final_view())}\n\n"
                     return
+        if queued and queue_position is not None:
+            with contextlib.suppress(QueueUnavailable):  # a Redis blip: try again next round
+                now = await queue_position()
+                queued = now is not None
+                if now is not None and now != position:
+                    position, sent = now, time.monotonic()
+                    yield f"event: queue\ndata: {json.dumps({'position': now})}\n\n"
+        if time.monotonic() - sent >= KEEPALIVE_MS / 1000 - 0.5:
+            sent = time.monotonic()
+            yield ": keep-alive\n\n"
