@@ -1,6 +1,6 @@
 """The ``ldm-serve`` command line (the ``[project.scripts]`` entry point).
 
-``generate`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
+``generate``, ``img2img`` and ``inpaint`` run a model in-process (no queue); ``up``, ``gateway`` and
 ``worker`` run the service; ``export-onnx`` and ``hash-key`` are tools.
 """
 

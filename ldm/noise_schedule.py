@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ldm_serve.errors import ConfigError, InvalidInput
+from ldm_serve.limits import img2img_steps
 
 __all__ = [
     "BetaSchedule",
@@ -25,6 +26,7 @@ __all__ = [
     "alphas_cumprod",
     "ddim_step_count",
     "ddim_timesteps",
+    "img2img_timesteps",
     "make_beta_schedule",
 ]
 
@@ -199,3 +201,25 @@ def ddim_step_count(
     :func:`ddim_timesteps`.
     """
     return int(_ddim_timesteps_np(num_steps, num_train_timesteps, spacing).shape[0])
+
+
+def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a descending DDIM schedule an img2img (SDEdit) row runs at ``strength``.
+
+    As diffusers' ``StableDiffusionImg2ImgPipeline.get_timesteps`` and the original
+    ``scripts/img2img.py``: with ``n = len(timesteps)``, the last
+    ``min(int(n · strength), n)`` entries; the first of them is the level the source
+    latent is noised to.
+
+    Raises:
+        InvalidInput: (field ``strength``) outside (0, 1], or so small that no step runs.
+    """
+    n = int(timesteps.numel())
+    if not 0.0 < float(strength) <= 1.0:  # also rejects NaN
+        raise InvalidInput("strength", f"must be in (0, 1], got {strength}")
+    k = img2img_steps(n, strength)
+    if k < 1:
+        raise InvalidInput(
+            "strength", f"{strength:g} of {n} steps runs no step; use at least 1/{n} = {1 / n:.4g} or more steps"
+        )
+    return timesteps[n - k :]

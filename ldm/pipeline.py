@@ -1,9 +1,9 @@
-"""Text-to-image and inpainting over one loaded latent diffusion model.
+"""Text-to-image, image-to-image and inpainting over one loaded latent diffusion model.
 
 ``LatentDiffusionPipeline.generate`` is the batched primitive the worker uses:
-many independent rows (prompt, seed, steps, guidance, eta, optional inpainting
-inputs) sampled in one DDIM run. ``txt2img`` and ``inpaint`` are conveniences on
-top of it. A row's image depends only on the model, the row and the size, never
+many independent rows (prompt, seed, steps, guidance, eta, optional init image
+and strength, optional inpainting mask) sampled in one DDIM run. ``txt2img``,
+``img2img`` and ``inpaint`` are conveniences on top of it. A row's image depends only on the model, the row and the size, never
 on its batch-mates: every random draw comes from the row's own generator.
 ``prepare_row`` does the same per-row work for the continuous-batching engine
 (:mod:`ldm.engine`), where rows join and leave a running batch between steps.
@@ -12,9 +12,15 @@ Per-row randomness, in order (all from ``torch.Generator().manual_seed(seed)`` o
 the CPU, so the same seed gives the same noise on any device):
 
 1. ``x_T ~ N(0, I)`` of shape ``[C, H/f, W/f]``;
-2. for inpainting rows whose first stage is KL: the posterior sample of the
-   (masked) source image;
+2. for img2img and inpainting rows whose first stage is KL: the posterior sample of
+   the (masked) source image;
 3. inside DDIM: mask-blend noise and eta noise per step (``ldm.sampling``).
+
+Image-to-image (a row with ``image`` and no ``mask``) is SDEdit as the original
+``scripts/img2img.py`` and diffusers' ``StableDiffusionImg2ImgPipeline``: of the row's
+``n``-step schedule only the last ``k = min(int(n · strength), n)`` steps run, starting
+from the source latent noised to the first of them, ``sqrt(a_t) · z0 + sqrt(1 - a_t) · x_T``
+(``x_T`` being the row's first draw, so a row's noise is the same as for text-to-image).
 """
 
 from __future__ import annotations
@@ -37,12 +43,12 @@ from ldm.denoiser import GuidedDenoiser, UNetCallable
 from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
 from ldm.execution.padding import PaddedUNet
 from ldm.loading.loader import LoadedModel, load_model
-from ldm.noise_schedule import TimestepSpacing, ddim_step_count, ddim_timesteps
+from ldm.noise_schedule import TimestepSpacing, ddim_step_count, ddim_timesteps, img2img_timesteps
 from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
-from ldm.sampling.ddim import row_coefficients
+from ldm.sampling.ddim import noised_latent, row_coefficients
 from ldm.sampling.rows import PreparedRow
 from ldm_serve.errors import ConfigError, InvalidInput
-from ldm_serve.limits import ETA_MAX, GUIDANCE_SCALE_MAX, MAX_SIDE, SEED_MAX
+from ldm_serve.limits import ETA_MAX, GUIDANCE_SCALE_MAX, MAX_SIDE, SEED_MAX, STRENGTH_DEFAULT
 
 __all__ = [
     "GenerationResult",
@@ -64,8 +70,11 @@ class GenerationRow:
         steps: requested DDIM steps (see :meth:`LatentDiffusionPipeline.step_count`).
         guidance_scale: classifier-free guidance ``s``; 1 = no guidance (one UNet pass).
         eta: DDIM eta in [0, 1].
-        image: inpainting source, any PIL mode (converted to RGB).
-        mask: inpainting mask, white (>= 128 in ``L`` mode) = repaint.
+        image: img2img init image or inpainting source, any PIL mode (converted to RGB).
+        mask: inpainting mask, white (>= 128 in ``L`` mode) = repaint; ``None`` with an
+            ``image`` makes the row image-to-image.
+        strength: img2img only, in (0, 1]: how much of the schedule runs (1 = all of it,
+            from the source noised to the first step); must stay 1 for other rows.
     """
 
     prompt: str
@@ -76,6 +85,12 @@ class GenerationRow:
     eta: float = 0.0
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    strength: float = 1.0
+
+    @property
+    def is_img2img(self) -> bool:
+        """An init image without a mask: SDEdit from the image."""
+        return self.image is not None and self.mask is None
 
 
 @dataclass(frozen=True)
@@ -200,8 +215,9 @@ class LatentDiffusionPipeline:
 
     @property
     def job_kinds(self) -> tuple[str, ...]:
-        """``"txt2img"`` and ``"inpaint"`` (by mask blending), or only ``"inpaint"`` for an inpainting UNet."""
-        return ("inpaint",) if self.config.inpaint_mode else ("txt2img", "inpaint")
+        """``"txt2img"``, ``"inpaint"`` (by mask blending) and ``"img2img"``, or only ``"inpaint"``
+        for an inpainting UNet (its extra input channels need a mask and a masked image)."""
+        return ("inpaint",) if self.config.inpaint_mode else ("txt2img", "inpaint", "img2img")
 
     @property
     def n_classes(self) -> int | None:
@@ -268,13 +284,26 @@ class LatentDiffusionPipeline:
                 self._uncond_class_id()
         elif self.config.cond_stage is None and not self.config.inpaint_mode and row.guidance_scale != 1.0:
             raise InvalidInput("guidance_scale", "must be 1 for an unconditional model")
-        if (row.image is None) != (row.mask is None):
-            raise InvalidInput("mask" if row.mask is None else "image", "inpainting needs both image and mask")
-        if row.image is not None and row.mask is not None:
-            if row.image.size != (width, height):
+        self._validate_images(row, width, height)
+
+    def _validate_images(self, row: GenerationRow, width: int, height: int) -> None:
+        """The image / mask / strength part of :meth:`validate_row`."""
+        strength = row.strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise InvalidInput("strength", f"must be in (0, 1], got {strength!r}")
+        if row.mask is not None and row.image is None:
+            raise InvalidInput("image", "inpainting needs both image and mask")
+        if not row.is_img2img and strength != 1.0:
+            raise InvalidInput("strength", "applies to image-to-image only (an image without a mask)")
+        if row.image is not None and row.image.size != (width, height):
+            raise InvalidInput("image", f"is {row.image.size[0]}x{row.image.size[1]}, expected {width}x{height}")
+        if row.is_img2img:
+            if self.config.inpaint_mode:
                 raise InvalidInput(
-                    "image", f"is {row.image.size[0]}x{row.image.size[1]}, expected {width}x{height}"
+                    "mask", "is required: this is an inpainting model, it cannot run image-to-image"
                 )
+            img2img_timesteps(self._timesteps(row.steps), strength)  # raises when no step would run
+        elif row.image is not None and row.mask is not None:
             if row.mask.size != row.image.size:
                 raise InvalidInput(
                     "mask",
@@ -319,6 +348,32 @@ class LatentDiffusionPipeline:
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``fn(x)`` over rows: per row when ``batch_invariant``, on the core pool when there is one."""
         return run_split(lambda s: fn(x[s]), x.shape[0], self.core_pool, per_row=self.batch_invariant)
+
+    def _timesteps(self, steps: int) -> torch.Tensor:
+        return ddim_timesteps(steps, self.config.timesteps, self.timestep_spacing)
+
+    def row_timesteps(self, row: GenerationRow) -> torch.Tensor:
+        """``[n]`` int64 descending timesteps the row runs (the tail ``strength`` selects for img2img)."""
+        full = self._timesteps(row.steps)
+        return img2img_timesteps(full, row.strength) if row.is_img2img else full
+
+    def row_step_count(self, row: GenerationRow) -> int:
+        """DDIM iterations the row really runs (what progress counts to)."""
+        return int(self.row_timesteps(row).numel())
+
+    @torch.no_grad()
+    def start_latent(
+        self, row: GenerationRow, generator: torch.Generator, latent_hw: tuple[int, int], timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The row's starting latent ``[C, h, w]`` float32 on the device: ``x_T`` (the generator's
+        first draw), or for img2img the source latent noised with it to ``timesteps[0]``
+        (the posterior sample of a KL first stage is the generator's second draw)."""
+        x_T = self.initial_noise(generator, latent_hw).to(self.device)  # [C, h, w]
+        if not row.is_img2img:
+            return x_T
+        assert row.image is not None
+        z0 = self._encode_latent(self._image_tensor(row.image) * 2.0 - 1.0, generator)[0]  # [C, h, w]
+        return noised_latent(z0, x_T, int(timesteps[0]), self._alphas_cumprod)
 
     def _conditioning(self, rows: Sequence[GenerationRow]) -> dict[str, torch.Tensor | None]:
         guided = [r.guidance_scale != 1.0 for r in rows]
@@ -400,10 +455,10 @@ class LatentDiffusionPipeline:
         """
         h, w = self.latent_size(width, height)
         generator = torch.Generator().manual_seed(row.seed)
-        x_T = self.initial_noise(generator, (h, w)).to(self.device)  # [C, h, w]
+        timesteps = self.row_timesteps(row)
+        x_T = self.start_latent(row, generator, (h, w), timesteps)  # [C, h, w]
         concat, x0, keep = self._inpainting_row(row, generator, (h, w))
         cond = self._conditioning([row])
-        timesteps = ddim_timesteps(row.steps, self.config.timesteps, self.timestep_spacing)
 
         def first(v: torch.Tensor | None) -> torch.Tensor | None:
             return None if v is None else v[0]
@@ -523,8 +578,12 @@ class LatentDiffusionPipeline:
         b = len(rows)
         h, w = self.latent_size(width, height)
         generators = [torch.Generator().manual_seed(r.seed) for r in rows]
-        # 1. x_T per row, drawn on the CPU from the row's generator   # [B, C, h, w]
-        x_T = torch.stack([self.initial_noise(g, (h, w)) for g in generators]).to(self.device)
+        timesteps = [self.row_timesteps(r) for r in rows]
+        # 1. x_T per row, drawn on the CPU from the row's generator (img2img: the source
+        #    latent noised with it to the row's first step)   # [B, C, h, w]
+        x_T = torch.stack(
+            [self.start_latent(r, g, (h, w), ts) for r, g, ts in zip(rows, generators, timesteps, strict=True)]
+        )
 
         inpaint = self._inpainting_inputs(rows, generators, (h, w))
         cond = self._conditioning(rows)
@@ -534,7 +593,6 @@ class LatentDiffusionPipeline:
             uncond_context=cond["uncond_context"],
             c_concat=inpaint["c_concat"],
         )
-        timesteps = [ddim_timesteps(r.steps, self.config.timesteps, self.timestep_spacing) for r in rows]
         done: set[int] = set()
         canceled: set[int] = set()
 
@@ -578,13 +636,13 @@ class LatentDiffusionPipeline:
         self, rows: Sequence[GenerationRow], generators: list[torch.Generator], latent_hw: tuple[int, int]
     ) -> dict[str, torch.Tensor | MaskBlend | None]:
         """Concat conditioning (inpainting UNets) or a mask blend (plain UNets) for a batch."""
-        with_image = [r.image is not None for r in rows]
+        with_image = [r.mask is not None for r in rows]
         if not any(with_image):
             return {"c_concat": None, "blend": None}
         concat, x0s, keeps = [], [], []
         for r, g in zip(rows, generators, strict=True):
             c, x0, keep = self._inpainting_row(r, g, latent_hw)
-            if r.image is None and not self.config.inpaint_mode:  # plain row in a blending batch: blends nothing
+            if r.mask is None and not self.config.inpaint_mode:  # plain row in a blending batch: blends nothing
                 x0 = torch.zeros((1, self.latent_channels, *latent_hw), device=self.device)
                 keep = torch.ones((1, 1, *latent_hw), device=self.device)
             concat.append(c)
@@ -601,10 +659,10 @@ class LatentDiffusionPipeline:
         """One row's inpainting inputs: ``(c_concat [1, Cc, h, w], x0 [1, C, h, w], keep [1, 1, h, w])``.
 
         Inpainting UNets get ``c_concat`` (the rest ``None``); plain UNets get the blend
-        source ``x0`` and mask ``keep`` (1 = keep). A row without an image gets ``None`` for
-        all three. Draws the posterior sample of a KL first stage from ``generator``.
+        source ``x0`` and mask ``keep`` (1 = keep). A row without a mask (txt2img, img2img)
+        gets ``None`` for all three. Draws the posterior sample of a KL first stage from ``generator``.
         """
-        if row.image is None:
+        if row.image is None or row.mask is None:
             return None, None, None
         mode = self.config.inpaint_mode
         image = self._image_tensor(row.image)  # [1, 3, H, W] in [0, 1]
@@ -670,6 +728,35 @@ class LatentDiffusionPipeline:
         used = self._seeds(num_images, seeds)
         rows = [
             GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta) for s in used
+        ]
+        images = self.generate(rows, width, height, on_step=on_step)
+        return GenerationResult([im for im in images if im is not None], used)
+
+    def img2img(
+        self,
+        image: Image.Image,
+        prompt: str = "",
+        negative_prompt: str = "",
+        *,
+        strength: float = STRENGTH_DEFAULT,
+        num_images: int = 1,
+        seeds: Sequence[int] | int | None = None,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        on_step: StepHook | None = None,
+    ) -> GenerationResult:
+        """Redraw ``image`` towards ``prompt`` (SDEdit; output size = image size).
+
+        ``strength`` in (0, 1] picks how much of the ``steps``-step schedule runs:
+        ``int(steps · strength)`` steps from the source noised to that level (1 = the
+        whole schedule, the image surviving only as a faint start).
+        """
+        width, height = image.size
+        used = self._seeds(num_images, seeds)
+        rows = [
+            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, strength=strength)
+            for s in used
         ]
         images = self.generate(rows, width, height, on_step=on_step)
         return GenerationResult([im for im in images if im is not None], used)

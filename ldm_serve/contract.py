@@ -11,7 +11,7 @@ Redis layout (``P`` is ``Settings.redis_prefix``, default ``ldm``)::
     P:job:{id}:events         stream status / progress / image events, in order (SSE replays it)
     P:job:{id}:cancel         string set when a client asked to cancel a running job
     P:job:{id}:image:{i}      string encoded image bytes (result store)
-    P:job:{id}:input:{name}   string uploaded inpainting inputs (PNG bytes)
+    P:job:{id}:input:{name}   string uploaded image inputs: inpainting image + mask, img2img image (PNG bytes)
     P:job:{id}:webhooks       list   JSON records of webhook delivery attempts
     P:idem:{owner}:{key}      string job id created for an Idempotency-Key
     P:owner:{owner}:jobs      zset   the owner's job ids by created_at ("-" = anonymous; pruned on read)
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ldm_serve.limits import GUIDANCE_SCALE_MAX
 
@@ -77,6 +77,12 @@ PRIORITY_ORDER: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority
 class JobKind(str, Enum):
     TXT2IMG = "txt2img"
     INPAINT = "inpaint"
+    IMG2IMG = "img2img"
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Names of the uploaded images the job reads from the result store (``Keys.input``)."""
+        return {JobKind.INPAINT: ("image", "mask"), JobKind.IMG2IMG: ("image",)}.get(self, ())
 
 
 class OutputFormat(str, Enum):
@@ -120,8 +126,9 @@ class GenerationPayload(BaseModel):
     """The versioned payload of one generation job, as serialised into RQ.
 
     One job produces ``n`` images, one batch row each; row ``i`` uses ``seeds[i]``.
-    Inpainting inputs are not inlined: they live in the result store under
-    ``Keys.input(job_id, "image" | "mask")`` as PNG bytes, already size-checked.
+    Uploaded images are not inlined: they live in the result store under
+    ``Keys.input(job_id, name)`` for each name of ``kind.inputs`` (inpainting: ``image``
+    and ``mask``; img2img: ``image``) as PNG bytes, already size-checked.
 
     The two mappings around it live here and nowhere else: :meth:`from_request` (the
     gateway's validated request -> payload; fields in :data:`REQUEST_FIELDS` are copied by
@@ -144,6 +151,7 @@ class GenerationPayload(BaseModel):
     steps: int = Field(ge=1)
     guidance_scale: float
     eta: float = 0.0
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)  # img2img: the share of the schedule that runs
     seeds: list[int]
     output_format: OutputFormat = OutputFormat.PNG
     quality: int = Field(default=90, ge=1, le=100)
@@ -152,6 +160,15 @@ class GenerationPayload(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     owner: str | None = None  # hash of the API key that made the job, None when auth is off
     created_at: float  # unix seconds
+
+    @model_serializer(mode="wrap")
+    def _omit_full_strength(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``strength`` is written only when it is not 1 (img2img), so the payload of any other
+        job reads exactly as before img2img and a worker of the previous version still runs it."""
+        data = handler(self)
+        if self.strength == 1.0:
+            data.pop("strength", None)
+        return data
 
     @property
     def batch_key(self) -> str:
@@ -194,11 +211,11 @@ class GenerationPayload(BaseModel):
 
     def row_kwargs(self) -> dict[str, Any]:
         """The per-row parameters shared by all of the job's rows (each row adds its ``seed``
-        and, for inpainting, ``image`` and ``mask``)."""
+        and, for img2img and inpainting, ``image`` and ``mask``)."""
         return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-ROW_FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "steps", "guidance_scale", "eta")
+ROW_FIELDS: tuple[str, ...] = ("prompt", "negative_prompt", "steps", "guidance_scale", "eta", "strength")
 """Payload fields passed to every engine row under the same name (``GenerationRow`` fields)."""
 
 JOB_FIELDS: tuple[str, ...] = (

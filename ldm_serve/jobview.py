@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from ldm_serve.contract import GenerationPayload, OutputFormat
+from ldm_serve.contract import GenerationPayload, JobKind, OutputFormat
 
 
 def iso(ts: str | float | None) -> str | None:
@@ -76,6 +76,7 @@ def job_view(
             "steps": payload.steps,
             "guidance_scale": payload.guidance_scale,
             "eta": payload.eta,
+            **({"strength": payload.strength} if payload.kind is JobKind.IMG2IMG else {}),
             "output_format": fmt.value,
             "quality": payload.quality,
             "priority": payload.priority.value,

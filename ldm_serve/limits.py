@@ -23,3 +23,17 @@ ETA_MAX = 1.0
 
 MAX_SIDE = 4096
 """Largest image side in pixels any model is asked to produce."""
+
+STRENGTH_DEFAULT = 0.75
+"""img2img ``strength`` when the request gives none (as the original ``scripts/img2img.py``)."""
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of a ``steps``-step DDIM schedule an img2img row runs at ``strength`` in (0, 1].
+
+    SDEdit as the original ``scripts/img2img.py`` and diffusers' img2img pipeline: the
+    source is noised to the step ``strength`` selects and the last
+    ``min(int(steps * strength), steps)`` steps are run (0 means no step: refused).
+    ``steps`` is the schedule's real length (``ldm.noise_schedule.ddim_step_count``).
+    """
+    return min(int(steps * float(strength)), steps)

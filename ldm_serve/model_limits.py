@@ -6,7 +6,7 @@ default size (a 64-pixel model accepts up to 128), rounded down to the model's s
 multiple and capped by ``max_width`` / ``max_height``. Besides sizes, a worker advertises
 the step counts its timestep spacing refuses, its guidance range (1 only, for a model
 without an unconditional branch), the job kinds it runs (an inpainting model runs only
-inpainting) and, for a class-conditional model, its number of classes.
+inpainting, a worker older than img2img does not list it) and, for a class-conditional model, its number of classes.
 
 Any live worker of a model may take its jobs, so the gateway accepts a request only if
 every live worker can run it (:func:`check_request`), answering 422 naming the field and
@@ -92,11 +92,16 @@ def check_size(model: str, constraints: Sequence[ModelConstraints], width: int, 
 
 
 def check_kind(model: str, constraints: Sequence[ModelConstraints], kind: JobKind) -> None:
-    """Inpainting on a model that cannot, or text-to-image on an inpainting-only model: 422."""
+    """Inpainting or img2img on a model that cannot, or text-to-image on an inpainting-only model: 422."""
     if all(kind in c.kinds for c in constraints):
         return
     if kind is JobKind.INPAINT:
         raise InvalidInput("image", f"model {model!r} does not run inpainting; use POST /v1/txt2img")
+    if kind is JobKind.IMG2IMG:
+        only_inpaint = any(c.kinds == [JobKind.INPAINT] for c in constraints)
+        hint = "it is an inpainting model: use POST /v1/inpaint with image and mask" if only_inpaint else (
+            "use POST /v1/txt2img")
+        raise InvalidInput("image", f"model {model!r} does not run image-to-image; {hint}")
     raise InvalidInput(
         "image", f"is required: model {model!r} is an inpainting model; use POST /v1/inpaint with image and mask"
     )

@@ -4,7 +4,7 @@
 refused job costs nothing and is never stored:
 
 * the model: the chosen model's live workers must all be able to run the job: its size,
-  step count, guidance scale, kind (inpainting) and, for a class-conditional model, its
+  step count, guidance scale, kind (inpainting, img2img) and, for a class-conditional model, its
   prompt (422 naming the field and the model's limit; :mod:`ldm_serve.model_limits`);
 * ``priority: "high"`` only for keys with ``priority_high`` (403 naming ``priority``);
 * ``width * height * steps * n`` at most the key's ``max_job_pixel_steps`` (422);

@@ -138,7 +138,8 @@ def _openapi_with_bodies(app: FastAPI, gw_schemas: Any) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     _, defs = models_json_schema(
         [(gw_schemas.Txt2ImgRequest, "validation"), (gw_schemas.InpaintRequest, "validation"),
-         (gw_schemas.InpaintForm, "validation")],
+         (gw_schemas.InpaintForm, "validation"), (gw_schemas.Img2ImgRequest, "validation"),
+         (gw_schemas.Img2ImgForm, "validation")],
         ref_template="#/components/schemas/{model}",
     )
     doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
@@ -147,19 +148,20 @@ def _openapi_with_bodies(app: FastAPI, gw_schemas: Any) -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": {"$ref": ref("Txt2ImgRequest")}}},
     }
-    # the form's own fields plus the two files (an allOf with InpaintForm's additionalProperties: false
-    # would forbid the files and make the schema unsatisfiable)
-    fields = defs["$defs"]["InpaintForm"]
-    form = {**fields, "properties": {**fields["properties"], "image": {"type": "string", "format": "binary"},
-                                     "mask": {"type": "string", "format": "binary"}},
-            "required": [*fields.get("required", []), "image", "mask"]}
-    doc["paths"]["/v1/inpaint"]["post"]["requestBody"] = {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": ref("InpaintRequest")}},
-            "multipart/form-data": {"schema": form},
-        },
-    }
+    for path, name, files in (("/v1/inpaint", "Inpaint", ("image", "mask")), ("/v1/img2img", "Img2Img", ("image",))):
+        # the form's own fields plus the files (an allOf with the form's additionalProperties: false
+        # would forbid the files and make the schema unsatisfiable)
+        fields = defs["$defs"][f"{name}Form"]
+        binary = {f: {"type": "string", "format": "binary"} for f in files}
+        form = {**fields, "properties": {**fields["properties"], **binary},
+                "required": [*fields.get("required", []), *files]}
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": ref(f"{name}Request")}},
+                "multipart/form-data": {"schema": form},
+            },
+        }
     _document_responses(doc)
     app.openapi_schema = doc
     return doc
@@ -214,7 +216,7 @@ def _document_responses(doc: dict[str, Any]) -> None:
                     responses.setdefault(code, {"description": text})["content"] = error
                 for code in ("429", "503"):
                     responses[code].setdefault("headers", {}).update(retry_after)
-            if method == "post" and path in ("/v1/txt2img", "/v1/inpaint"):
+            if method == "post" and path in ("/v1/txt2img", "/v1/inpaint", "/v1/img2img"):
                 responses["200"] = {"description": "Finished within `Prefer: wait`",
                                     "content": {"application/json": {"schema": {}}}}
             if path.endswith("/cancel"):

@@ -28,8 +28,8 @@ _STRING = re.compile(rb'"[^"]*(?:"|\Z)')
 _BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
 
-# Paths whose bodies may carry uploads (two base64 images or multipart files).
-UPLOAD_PATHS = frozenset({"/v1/inpaint"})
+# Paths whose bodies may carry uploads (base64 images or multipart files).
+UPLOAD_PATHS = frozenset({"/v1/inpaint", "/v1/img2img"})
 
 
 def check_json_depth(data: bytes, max_depth: int, field: str = "body", max_structure: int | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Decoding and checking uploaded images (inpainting inputs) before they reach the queue.
+"""Decoding and checking uploaded images (inpainting and img2img inputs) before they reach the queue.
 
 Every failure is an ``InvalidInput`` naming the field and the limit. Sizes are
 checked from the image header *before* pixels are decoded, so a decompression
@@ -13,7 +13,7 @@ import io
 import re
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm_serve.errors import InvalidInput
 
@@ -116,3 +116,34 @@ def prepare_inpaint_inputs(
             )
         mask = mask.convert("L").resize((w, h), Image.Resampling.NEAREST)
     return to_png(image, "RGB"), to_png(mask, "L"), w, h
+
+
+def prepare_img2img_input(
+    image: Image.Image, *, width: int | None, height: int | None, max_width: int, max_height: int
+) -> tuple[bytes, int, int]:
+    """Check an img2img init image and return ``(image_png, width, height)``.
+
+    The output size is ``width`` x ``height``, each defaulting to the image's side (which
+    must then be a multiple of 8 and within the limits). An image of another size is
+    scaled (Lanczos) to cover the output size and centre-cropped to it, so its aspect
+    ratio is kept.
+    """
+    w, h = image.size
+    for name, given, side, limit in (("width", width, w, max_width), ("height", height, h, max_height)):
+        if given is not None:
+            continue  # the schema bounded it; the image is resized to it
+        if side % 8:
+            raise InvalidInput(f"image.{name}", f"must be a multiple of 8, got {side} (or give {name} to resize to)")
+        if side > limit:
+            raise InvalidInput(f"image.{name}", f"must be <= {limit}, got {side} (or give {name} to resize to)")
+    out_w, out_h = width or w, height or h
+    return to_png(fit_image(image, out_w, out_h), "RGB"), out_w, out_h
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` as RGB of exactly ``width`` x ``height``: unchanged when it has that size, else
+    scaled (Lanczos) to cover it and centre-cropped (the aspect ratio is kept)."""
+    rgb = image.convert("RGB")
+    if rgb.size == (width, height):
+        return rgb
+    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -6,7 +6,7 @@ carries its bounds (``ge`` / ``le``) and every string its ``max_length``, so
 naming the field and the bound.
 
 Numbers and booleans are strict: ``"n": true`` or ``"width": "64"`` is refused, not
-converted (multipart form values are converted explicitly by the inpaint route), and
+converted (multipart form values are converted explicitly by the upload routes), and
 floats must be finite (JSON ``NaN`` / ``Infinity`` are refused).
 """
 
@@ -16,10 +16,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ldm_serve.contract import OutputFormat, Priority, WebhookEventType
-from ldm_serve.limits import ETA_MAX, SEED_MAX
+from ldm_serve.limits import ETA_MAX, SEED_MAX, STRENGTH_DEFAULT, img2img_steps
 from ldm_serve.settings import Settings
 from service.bodies import json_depth
 
@@ -31,6 +31,8 @@ class Schemas:
     Txt2ImgRequest: type[BaseModel]
     InpaintRequest: type[BaseModel]
     InpaintForm: type[BaseModel]
+    Img2ImgRequest: type[BaseModel]
+    Img2ImgForm: type[BaseModel]
 
 
 def build_schemas(settings: Settings) -> Schemas:
@@ -114,4 +116,31 @@ def build_schemas(settings: Settings) -> Schemas:
     class InpaintForm(InpaintFields):
         """The non-file fields of a multipart ``POST /v1/inpaint``."""
 
-    return Schemas(Txt2ImgRequest, InpaintRequest, InpaintForm)
+    class Img2ImgFields(GenerationBase):
+        strength: float = Field(
+            default=STRENGTH_DEFAULT, gt=0.0, le=1.0, strict=True, allow_inf_nan=False,
+            description="How far to move from the init image, in (0, 1]: int(steps * strength) of the"
+            " DDIM steps run, from the image's latent noised to that level (1 = the whole schedule).",
+        )
+
+        @field_validator("strength")
+        @classmethod
+        def _runs_a_step(cls, value: float, info: ValidationInfo) -> float:
+            steps = info.data.get("steps")
+            if isinstance(steps, int) and img2img_steps(steps, value) < 1:
+                raise ValueError(f"{value:g} of {steps} steps runs no step; needs strength >= 1/steps = {1 / steps:.4g}")
+            return value
+
+    class Img2ImgRequest(Img2ImgFields):
+        """``POST /v1/img2img`` JSON body; ``image`` (the init image) is base64 or a data URL.
+
+        Output size: ``width`` / ``height``, each defaulting to the image's side; an image of
+        another size is scaled to cover that size and centre-cropped.
+        """
+
+        image: str = Field(description="Base64 or data URL of a PNG / JPEG / WebP init image.")
+
+    class Img2ImgForm(Img2ImgFields):
+        """The non-file fields of a multipart ``POST /v1/img2img``."""
+
+    return Schemas(Txt2ImgRequest, InpaintRequest, InpaintForm, Img2ImgRequest, Img2ImgForm)

@@ -148,6 +148,7 @@ class FakeRow:
     steps: int = 50
     guidance_scale: float = 7.5
     eta: float = 0.0
+    strength: float = 1.0
     image: Any = None
     mask: Any = None
 

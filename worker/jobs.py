@@ -20,6 +20,7 @@ from typing import Any
 from ldm_serve.contract import GenerationPayload, JobKind, JobStatus, OutputFormat, WebhookEventType
 from ldm_serve.errors import InternalError, InvalidInput, LdmServeError
 from ldm_serve.jobstore import JobStore
+from ldm_serve.limits import img2img_steps
 from ldm_serve.results import ResultStore
 from ldm_serve.settings import Settings
 from worker.encode import decode_input, encode_image
@@ -118,13 +119,13 @@ class JobBook:
         ``pipeline.validate_row``); fail the job alone if that is impossible."""
         p = run.payload
         try:
-            image = mask = None
-            if p.kind is JobKind.INPAINT:
-                image_bytes = self.results.get_input(p.job_id, "image")
-                mask_bytes = self.results.get_input(p.job_id, "mask")
-                if image_bytes is None or mask_bytes is None:
-                    raise InvalidInput("image", "the uploaded inpainting inputs have expired")
-                image, mask = decode_input(image_bytes), decode_input(mask_bytes)
+            inputs: dict[str, Any] = {"image": None, "mask": None}
+            for name in p.kind.inputs:  # inpainting: image and mask; img2img: image
+                data = self.results.get_input(p.job_id, name)
+                if data is None:
+                    raise InvalidInput(name, f"the uploaded {p.kind.value} inputs have expired")
+                inputs[name] = decode_input(data)
+            image, mask = inputs["image"], inputs["mask"]
             shared = p.row_kwargs()
             for seed in p.seeds:
                 row = self.row_factory(**shared, seed=seed, image=image, mask=mask)
@@ -177,6 +178,8 @@ class JobBook:
             return
         p = run.payload
         total = self.pipeline.step_count(p.steps)
+        if p.kind is JobKind.IMG2IMG:
+            total = img2img_steps(total, p.strength)  # the steps that ran (the row_step_count of its rows)
         final_step = None
         if run.last_step < total:  # a row can be decoded before the step callback reports its last step
             run.last_step = final_step = total

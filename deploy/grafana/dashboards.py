@@ -81,7 +81,7 @@ SERVICE = Dashboard(
               _quantiles("ldm_http_request_duration_seconds",
                          selector='{route=~"/v1/txt2img|/v1/inpaint", method="POST"}')),
         Panel("Jobs submitted by kind", "ops",
-              "Jobs accepted per second by the gateway, by kind (txt2img, inpaint).",
+              "Jobs accepted per second by the gateway, by kind (txt2img, img2img, inpaint).",
               (_q(f"sum by (kind) (rate(ldm_jobs_submitted_total[{RATE}]))", "{{kind}}"),)),
         Panel("Jobs finished by status", "ops",
               "Jobs finished per second by the workers, by final status (succeeded, failed, canceled, expired).",

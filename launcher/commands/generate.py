@@ -1,4 +1,4 @@
-"""``ldm-serve generate | inpaint | export-onnx``: a model in-process, no queue.
+"""``ldm-serve generate | img2img | inpaint | export-onnx``: a model in-process, no queue.
 
 Heavy imports (torch) happen inside the subcommands so ``--help`` is fast.
 """
@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ldm_serve.limits import STRENGTH_DEFAULT
 
 
 def _resolve_checkpoint(arg: str | None) -> tuple[Path, bool]:
@@ -114,6 +116,31 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_img2img(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from service.images import fit_image
+
+    image = Image.open(args.image)
+    image = fit_image(image, args.width or image.size[0], args.height or image.size[1])
+    pipe = _load(args)
+    t0 = time.perf_counter()
+    result = pipe.img2img(
+        image,
+        args.prompt,
+        args.negative_prompt,
+        strength=args.strength,
+        num_images=args.n,
+        seeds=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+    )
+    _save(result.images, result.seeds, args.out)
+    print(f"{len(result.images)} image(s) in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return 0
+
+
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     """Export the UNet and decoder to ONNX (for trtexec; docs/tensorrt.md)."""
     from ldm.backends.onnx_export import check_pipeline_onnx, export_pipeline_onnx  # lazy: imports torch
@@ -132,12 +159,22 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Add ``generate``, ``inpaint`` and ``export-onnx`` to the ``ldm-serve`` parser."""
+    """Add ``generate``, ``img2img``, ``inpaint`` and ``export-onnx`` to the ``ldm-serve`` parser."""
     gen = sub.add_parser("generate", help="text-to-image in-process, written to PNG files")
     _add_model_args(gen)
     gen.add_argument("--width", type=int, default=None, help="default: the model's training size")
     gen.add_argument("--height", type=int, default=None)
     gen.set_defaults(func=_cmd_generate)
+
+    i2i = sub.add_parser("img2img", help="image-to-image (SDEdit) from an init image, in-process")
+    _add_model_args(i2i)
+    i2i.add_argument("--image", required=True, help="init image (PNG / JPEG / WebP)")
+    i2i.add_argument("--strength", type=float, default=STRENGTH_DEFAULT,
+                     help="in (0, 1]: int(steps * strength) steps run from the image noised to that level")
+    i2i.add_argument("--width", type=int, default=None,
+                     help="default: the image's width; another size scales the image to cover and centre-crops")
+    i2i.add_argument("--height", type=int, default=None, help="default: the image's height")
+    i2i.set_defaults(func=_cmd_img2img)
 
     inp = sub.add_parser("inpaint", help="repaint the white part of a mask, in-process")
     _add_model_args(inp)

@@ -33,6 +33,7 @@ __all__ = [
     "ddim_iteration",
     "ddim_update",
     "gather_coefficients",
+    "noised_latent",
     "randn_row",
     "row_coefficients",
 ]
@@ -95,6 +96,26 @@ def row_coefficients(
         dir_coef=dev(dir_coef),
         sigma=dev(sigma),
     )
+
+
+def noised_latent(
+    x0: torch.Tensor, noise: torch.Tensor, timestep: int, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """``q_sample``: ``sqrt(a_t) · x0 + sqrt(1 - a_t) · noise`` for one row (SDEdit's start).
+
+    The two coefficients are computed as in :func:`row_coefficients` (float64, cast to
+    float32), so they equal the row's first-step ``sqrt_a`` / ``sqrt_one_minus_a``.
+
+    Args:
+        x0: ``[C, h, w]`` clean (scaled) latent.
+        noise: ``[C, h, w]`` N(0, I) draw on ``x0``'s device.
+        timestep: the training timestep to noise to.
+        alphas_cumprod: ``[T]`` alphā table.
+    """
+    a_t = alphas_cumprod.detach().to("cpu", torch.float64)[int(timestep)]
+    sqrt_a = a_t.sqrt().to(torch.float32).to(x0.device)
+    sqrt_one_minus_a = (1 - a_t).sqrt().to(torch.float32).to(x0.device)
+    return sqrt_a * x0.to(torch.float32) + sqrt_one_minus_a * noise.to(torch.float32)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Submission routes: ``POST /v1/txt2img`` and ``POST /v1/inpaint``.
+"""Submission routes: ``POST /v1/txt2img``, ``POST /v1/img2img`` and ``POST /v1/inpaint``.
 
-Both validate the request, resolve the model and the seeds, store inpainting
-inputs, enqueue one job and answer ``202`` with the job (or, with
-``Prefer: wait=N``, the finished job when it finishes within N seconds).
+Each validates the request, resolves the model and the seeds, stores the uploaded
+images (img2img and inpainting, JSON with base64 or multipart, read by one helper),
+enqueues one job and answers ``202`` with the job (or, with ``Prefer: wait=N``, the
+finished job when it finishes within N seconds).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import re
 import secrets
 import time
 import types
+from dataclasses import dataclass
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -37,7 +40,7 @@ from ldm_serve.settings import Settings
 from service.admission import admit, admitted_headers
 from service.bodies import fields_allowance, load_json, read_json, require_media_type
 from service.deps import CallerDep, Gateway, GatewayDep, quota_subject
-from service.images import decode_base64_field, load_image, prepare_inpaint_inputs
+from service.images import decode_base64_field, load_image, prepare_img2img_input, prepare_inpaint_inputs
 from service.routes.jobs import public_job
 from service.streams import wait_for_terminal
 
@@ -89,12 +92,21 @@ async def _resolve_model(gw: Gateway, requested: str | None) -> tuple[str, int]:
     return model, (info.default_size if info and info.default_size else DEFAULT_SIZE)
 
 
-def request_fingerprint(kind: JobKind, req: BaseModel, inputs: tuple[bytes, bytes, int, int] | None) -> str:
+@dataclass(frozen=True)
+class Uploads:
+    """A job's checked uploads: PNG bytes by name (``JobKind.inputs``) and the output size they fix."""
+
+    files: dict[str, bytes]
+    width: int
+    height: int
+
+
+def request_fingerprint(kind: JobKind, req: BaseModel, inputs: Uploads | None) -> str:
     """A digest of everything the client sent, for Idempotency-Key reuse checks."""
     h = hashlib.sha256(kind.value.encode())
     h.update(req.model_dump_json().encode())
     if inputs is not None:
-        h.update(hashlib.sha256(inputs[0]).digest() + hashlib.sha256(inputs[1]).digest())
+        h.update(b"".join(hashlib.sha256(data).digest() for data in inputs.files.values()))
     return h.hexdigest()[:32]
 
 
@@ -106,7 +118,7 @@ async def _submit(
     subject: str,
     idempotency_key: str | None,
     prefer: str | None,
-    inputs: tuple[bytes, bytes, int, int] | None = None,
+    inputs: Uploads | None = None,
 ) -> JSONResponse:
     s = gw.settings
     owner = caller.owner
@@ -133,7 +145,7 @@ async def _submit(
         raise InvalidInput("webhook_events_filter", "needs a webhook URL")
     model, default_size = await _resolve_model(gw, data["model"])
     if inputs is not None:
-        width, height = inputs[2], inputs[3]
+        width, height = inputs.width, inputs.height
     else:
         width, height = data["width"] or default_size, data["height"] or default_size
     payload = GenerationPayload.from_request(
@@ -154,8 +166,8 @@ async def _submit(
     try:
         if inputs is not None:
             lifetime = s.queue_ttl_s + s.job_timeout_s + s.result_ttl_s
-            await gw.call(gw.results.put_input, payload.job_id, "image", inputs[0], lifetime)
-            await gw.call(gw.results.put_input, payload.job_id, "mask", inputs[1], lifetime)
+            for name, data in inputs.files.items():
+                await gw.call(gw.results.put_input, payload.job_id, name, data, lifetime)
         job_id, created = await gw.call(gw.store.submit, payload, idempotency_key, fingerprint, quota_key)
     except QueueFull:
         await gw.call(gw.limiter.release, subject, payload.job_id)
@@ -206,6 +218,46 @@ async def txt2img(
     return await _submit(gw, req, JobKind.TXT2IMG, caller, quota_subject(caller, request), idempotency_key, prefer)
 
 
+async def read_uploads(
+    request: Request, gw: Gateway, json_model: type[BaseModel], form_model: type[BaseModel], names: tuple[str, ...]
+) -> tuple[BaseModel, dict[str, Image.Image]]:
+    """The validated request and its decoded images ``names``, from JSON (base64 fields) or
+    multipart/form-data (file parts plus form fields), within the upload limits."""
+    s = gw.settings
+    raw: dict[str, bytes] = {}
+    if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
+        try:
+            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
+        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
+        files: dict[str, bytes] = {}
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files[key] = await value.read(s.max_upload_bytes + 1)
+            else:
+                fields[key] = _form_value(form_model, key, value, s)
+        for name in names:
+            if name not in files:
+                parts = " and ".join(f"{'an' if n[0] in 'aeiou' else 'a'} `{n}`" for n in names)
+                raise InvalidInput(name, f"multipart requests need {parts} file part")
+        try:
+            req = form_model.model_validate(fields)
+        except ValidationError as exc:
+            raise _first_error(exc) from None
+        raw = {name: files[name] for name in names}
+    else:
+        body = await read_json(request, s)
+        try:
+            req = json_model.model_validate(body)
+        except ValidationError as exc:
+            raise _first_error(exc) from None
+        raw = {name: decode_base64_field(name, getattr(req, name), s.max_upload_bytes) for name in names}
+    limits = {"max_bytes": s.max_upload_bytes, "max_pixels": s.max_upload_pixels}
+    images = {name: await gw.call(load_image, name, raw[name], **limits) for name in names}
+    return req, images
+
+
 @router.post(
     "/inpaint",
     status_code=202,
@@ -219,51 +271,56 @@ async def inpaint(
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
 ) -> JSONResponse:
     s = gw.settings
-    if require_media_type(request, "application/json", "multipart/form-data") == "multipart/form-data":
-        try:
-            form = await request.form(max_part_size=s.max_upload_bytes + 1024)
-        except HTTPException as exc:  # Starlette's answer to a malformed multipart body
-            raise InvalidInput("body", f"is not valid multipart/form-data ({exc.detail})") from None
-        files: dict[str, bytes] = {}
-        fields: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                data = await value.read(s.max_upload_bytes + 1)
-                files[key] = data
-            else:
-                fields[key] = _form_value(gw.schemas.InpaintForm, key, value, s)
-        for name in ("image", "mask"):
-            if name not in files:
-                raise InvalidInput(name, "multipart requests need an `image` and a `mask` file part")
-        try:
-            req = gw.schemas.InpaintForm.model_validate(fields)
-        except ValidationError as exc:
-            raise _first_error(exc) from None
-        image_bytes, mask_bytes = files["image"], files["mask"]
-    else:
-        body = await read_json(request, s)
-        try:
-            req = gw.schemas.InpaintRequest.model_validate(body)
-        except ValidationError as exc:
-            raise _first_error(exc) from None
-        image_bytes = decode_base64_field("image", req.image, s.max_upload_bytes)  # type: ignore[attr-defined]
-        mask_bytes = decode_base64_field("mask", req.mask, s.max_upload_bytes)  # type: ignore[attr-defined]
-    limits = {"max_bytes": s.max_upload_bytes, "max_pixels": s.max_upload_pixels}
-    image = await gw.call(load_image, "image", image_bytes, **limits)
-    mask = await gw.call(load_image, "mask", mask_bytes, **limits)
+    req, images = await read_uploads(
+        request, gw, gw.schemas.InpaintRequest, gw.schemas.InpaintForm, JobKind.INPAINT.inputs
+    )
     data = req.model_dump()
-    inputs = await gw.call(
+    image_png, mask_png, width, height = await gw.call(
         prepare_inpaint_inputs,
-        image,
-        mask,
+        images["image"],
+        images["mask"],
         width=data["width"],
         height=data["height"],
         resize_mask=data["mask_resize"],
         max_width=s.max_width,
         max_height=s.max_height,
     )
+    inputs = Uploads({"image": image_png, "mask": mask_png}, width, height)
     subject = quota_subject(caller, request)
     return await _submit(gw, req, JobKind.INPAINT, caller, subject, idempotency_key, prefer, inputs)
+
+
+@router.post(
+    "/img2img",
+    status_code=202,
+    summary="Queue an image-to-image job (JSON with a base64 init image, or a multipart upload)",
+)
+async def img2img(
+    request: Request,
+    gw: GatewayDep,
+    caller: CallerDep,
+    idempotency_key: Annotated[str | None, _idem_header()] = None,
+    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer when done")] = None,
+) -> JSONResponse:
+    """SDEdit from ``image``: ``int(steps * strength)`` DDIM steps from the image's latent noised to that
+    level. The output is ``width`` x ``height`` (default: the image's size; another size scales the image
+    to cover it and centre-crops)."""
+    s = gw.settings
+    req, images = await read_uploads(
+        request, gw, gw.schemas.Img2ImgRequest, gw.schemas.Img2ImgForm, JobKind.IMG2IMG.inputs
+    )
+    data = req.model_dump()
+    image_png, width, height = await gw.call(
+        prepare_img2img_input,
+        images["image"],
+        width=data["width"],
+        height=data["height"],
+        max_width=s.max_width,
+        max_height=s.max_height,
+    )
+    inputs = Uploads({"image": image_png}, width, height)
+    subject = quota_subject(caller, request)
+    return await _submit(gw, req, JobKind.IMG2IMG, caller, subject, idempotency_key, prefer, inputs)
 
 
 _LIST_FIELDS = {"webhook_events_filter"}

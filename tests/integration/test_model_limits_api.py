@@ -73,7 +73,7 @@ def test_models_advertise_their_limits(two_models: Service) -> None:
     sd = models["sd64"]["constraints"]
     assert (sd["size_multiple"], sd["min_side"], sd["max_width"]) == (64, 128, 256)
     assert 3 in sd["refused_steps"] and sd["timestep_spacing"] == "uniform" and sd["prediction_type"] == "eps"
-    assert sd["kinds"] == ["txt2img", "inpaint"]
+    assert sd["kinds"] == ["txt2img", "inpaint", "img2img"]
     bundled = models[bundled_id(two_models)]["constraints"]
     assert bundled["refused_steps"] == [3, 9, 27, 36, 37]  # up to the gateway's max_steps=60
 

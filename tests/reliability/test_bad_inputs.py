@@ -115,7 +115,7 @@ def _not_found(err: dict) -> None:
     assert err["type"] == "job_not_found", err
 
 
-T2I, INP = "/v1/txt2img", "/v1/inpaint"
+T2I, INP, I2I = "/v1/txt2img", "/v1/inpaint", "/v1/img2img"
 CATALOGUE = [
     # --- request limits (tests/integration/test_service_api.py BAD_INPUTS, unit schema bounds) --------
     Entry("width-not-multiple-of-8", "POST", T2I, {"width": 100}, fields=("width",)),
@@ -151,6 +151,16 @@ CATALOGUE = [
     Entry("inpaint-over-upload-bytes", "POST", INP, {"image": _b64(bytes(250_000)), "mask": _b64(_mask((64, 64)))},
           fields=("image",)),
     Entry("inpaint-missing-image", "POST", INP, {"mask": _b64(_mask((64, 64)))}, fields=("image",)),
+    Entry("img2img-strength-zero", "POST", I2I, {"image": _b64(_png((64, 64))), "strength": 0}, fields=("strength",)),
+    Entry("img2img-strength-over-1", "POST", I2I, {"image": _b64(_png((64, 64))), "strength": 1.5},
+          fields=("strength",)),
+    Entry("img2img-strength-runs-no-step", "POST", I2I, {"image": _b64(_png((64, 64))), "strength": 0.1, "steps": 4},
+          fields=("strength",)),
+    # no width / height: the output takes the image's size, which must be a multiple of 8
+    Entry("img2img-image-not-multiple-of-8", "POST", I2I,
+          {"image": _b64(_png((60, 60))), "width": None, "height": None}, fields=("image.width",)),
+    Entry("img2img-missing-image", "POST", I2I, {"strength": 0.5, "steps": 4}, fields=("image",)),
+    Entry("img2img-with-a-mask", "POST", I2I, {"image": _b64(_png((64, 64))), "mask": "AAAA"}, fields=("mask",)),
     Entry("inpaint-multipart-missing-mask", "POST", INP,
           MULTIPART_HEAD + _png((64, 64)) + b"\r\n--XyZ--\r\n", fields=("mask",),
           headers={"Content-Type": "multipart/form-data; boundary=XyZ"}),

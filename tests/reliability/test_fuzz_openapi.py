@@ -43,7 +43,7 @@ CHECKS = [
 ]
 MIN_CASES = 1000
 # examples per (operation, mode): the submission bodies are the large input space
-BUDGET = {"/v1/txt2img": 220, "/v1/inpaint": 160}
+BUDGET = {"/v1/txt2img": 220, "/v1/inpaint": 160, "/v1/img2img": 160}
 DEFAULT_BUDGET = 45
 JOB_PATHS = ("/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{index}", "/v1/jobs/{job_id}/events",
              "/v1/jobs/{job_id}/cancel")

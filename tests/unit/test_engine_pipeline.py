@@ -37,8 +37,10 @@ def test_images_equal_each_request_alone_while_rows_join_and_leave(pipe: LatentD
         "pair": [GenerationRow("two", seed=7, steps=5, guidance_scale=2.0, eta=1.0),
                  GenerationRow("two", seed=8, steps=5, guidance_scale=2.0, eta=1.0)],
         "gone": [GenerationRow("canceled half-way", seed=21, steps=10, guidance_scale=4.0)],
+        "img2img": [GenerationRow("a blue square", seed=9, steps=10, guidance_scale=3.0, image=scene(SIZE, 4),
+                                  strength=0.6)],
     }
-    arrivals = {0: ["target", "moon"], 1: ["gone"], 2: ["plain"], 4: ["inpaint"], 8: ["pair"]}
+    arrivals = {0: ["target", "moon"], 1: ["gone"], 2: ["plain"], 3: ["img2img"], 4: ["inpaint"], 8: ["pair"]}
     engine = ContinuousBatchEngine(pipe, AdmissionConfig(max_rows=8))
     images: dict[tuple[str, int], torch.Tensor] = {}
     rows_per_step = []

@@ -33,6 +33,7 @@ from worker.main import model_constraints_of
 RESOLVED_BY_GATEWAY = {"model", "width", "height", "seed", "webhook", "webhook_events_filter", "mask_resize",
                        "image", "mask"}
 ROW_ONLY = {"seed", "image", "mask"}  # per-row values the worker adds to payload.row_kwargs()
+IMG2IMG_ONLY = {"strength"}  # request fields of /v1/img2img alone (the payload's default serves the other kinds)
 
 
 def payload(**overrides) -> GenerationPayload:
@@ -57,26 +58,33 @@ def test_row_fields_are_exactly_the_engine_rows_fields_the_payload_holds() -> No
 
 def test_every_request_field_is_copied_or_resolved() -> None:
     schemas = build_schemas(Settings())
-    for request in (schemas.Txt2ImgRequest, schemas.InpaintRequest, schemas.InpaintForm):
+    for request in (schemas.Txt2ImgRequest, schemas.InpaintRequest, schemas.InpaintForm, schemas.Img2ImgRequest,
+                    schemas.Img2ImgForm):
         fields = set(request.model_fields)
         assert fields - set(REQUEST_FIELDS) <= RESOLVED_BY_GATEWAY, request.__name__
-        assert set(REQUEST_FIELDS) <= fields
+        expected = set(REQUEST_FIELDS) if request.__name__.startswith("Img2Img") else set(REQUEST_FIELDS) - IMG2IMG_ONLY
+        assert expected <= fields, request.__name__
     assert set(REQUEST_FIELDS) <= set(GenerationPayload.model_fields)
 
 
-def test_request_to_payload_to_row_keeps_every_value() -> None:
+@pytest.mark.parametrize("kind", [JobKind.TXT2IMG, JobKind.IMG2IMG])
+def test_request_to_payload_to_row_keeps_every_value(kind: JobKind) -> None:
     body = {"prompt": "a red cube", "negative_prompt": "blur", "n": 2, "steps": 12, "guidance_scale": 3.5,
             "eta": 0.5, "quality": 70, "output_format": "webp", "priority": "low", "metadata": {"k": [1]}}
-    data = build_schemas(Settings()).Txt2ImgRequest.model_validate(body).model_dump()
+    schemas = build_schemas(Settings())
+    if kind is JobKind.IMG2IMG:
+        data = schemas.Img2ImgRequest.model_validate({**body, "strength": 0.5, "image": "x"}).model_dump()
+    else:
+        data = schemas.Txt2ImgRequest.model_validate(body).model_dump()
     p = GenerationPayload.from_request(
-        data, job_id=new_job_id(), kind=JobKind.TXT2IMG, model="m", width=64, height=128, seeds=[7, 8],
+        data, job_id=new_job_id(), kind=kind, model="m", width=64, height=128, seeds=[7, 8],
         webhook=None, owner=None, created_at=1.0,
     )
     for name in REQUEST_FIELDS:
-        assert getattr(p, name) == data[name], name
+        assert getattr(p, name) == data.get(name, 1.0), name  # strength: 1 (all steps) unless img2img
     assert (p.width, p.height, p.seeds, p.model) == (64, 128, [7, 8], "m")
     row = GenerationRow(**p.row_kwargs(), seed=p.seeds[1])
-    assert row == GenerationRow("a red cube", 8, "blur", 12, 3.5, 0.5)
+    assert row == GenerationRow("a red cube", 8, "blur", 12, 3.5, 0.5, strength=data.get("strength", 1.0))
 
 
 # ------------------------------------------------------------------------------------------ one source of limits
@@ -117,7 +125,7 @@ def test_an_sd_shaped_worker_advertises_its_real_limits(sd64: LatentDiffusionPip
     assert (c.size_multiple, c.min_side, c.max_width) == (64, 128, 256)  # default 128 px, 2x
     assert c.max_steps == 1000 and c.timestep_spacing == "uniform" and c.prediction_type == "eps"
     assert {3, 9, 27, 36, 37, *range(101, 112)} == set(c.refused_steps)  # 'uniform' over 1000 timesteps
-    assert c.kinds == [JobKind.TXT2IMG, JobKind.INPAINT] and c.max_prompt_tokens == sd64.max_prompt_tokens
+    assert c.kinds == [JobKind.TXT2IMG, JobKind.INPAINT, JobKind.IMG2IMG] and c.max_prompt_tokens == sd64.max_prompt_tokens
     assert (c.min_guidance_scale, c.max_guidance_scale) == (0.0, GUIDANCE_SCALE_MAX)
     for steps in c.refused_steps:  # what the gateway refuses, the model refuses, and nothing else
         with pytest.raises(InvalidInput, match="steps"):
@@ -151,6 +159,9 @@ def test_inpainting_and_class_conditional_models_advertise_their_kinds(family: s
         assert exc.value.field == "image" and "inpainting model" in str(exc.value)
         with pytest.raises(InvalidInput, match="image"):  # the model agrees
             pipe.validate_row(GenerationRow("x", 1, steps=2), size, size)
+        with pytest.raises(InvalidInput) as exc:  # and no img2img: its UNet needs a mask
+            check_request(family, c, payload(width=size, height=size, kind=JobKind.IMG2IMG, strength=0.5))
+        assert exc.value.field == "image" and "/v1/inpaint" in str(exc.value)
     else:
         assert c[0].n_classes == pipe.n_classes
         with pytest.raises(InvalidInput) as exc:
