@@ -127,6 +127,7 @@ function parameters() {
   if ($("#model").value) params.model = $("#model").value;
   for (const id of INT_FIELDS) params[id] = readNumber(id, (t) => Number.parseInt(t, 10));
   params.guidance_scale = readNumber("guidance_scale", Number.parseFloat);
+  if (mode() === "img2img") params.strength = readNumber("strength", Number.parseFloat);
   for (const k of Object.keys(params)) if (params[k] === undefined) delete params[k];
   return params;
 }
@@ -139,11 +140,11 @@ async function submitJob() {
     });
     return res.json();
   }
+  // multipart: the (cropped) image, for inpainting the mask, and the other fields as text
   const body = new FormData();
-  for (const [k, v] of Object.entries(params)) if (k !== "width" && k !== "height") body.append(k, String(v));
-  const [image, mask] = await Promise.all([inpaint.imageBlob(), inpaint.maskBlob()]);
-  body.append("image", image, "image.png");
-  body.append("mask", mask, "mask.png");
+  for (const [k, v] of Object.entries(params)) body.append(k, String(v));
+  body.append("image", await inpaint.imageBlob(), "image.png");
+  if (mode() === "inpaint") body.append("mask", await inpaint.maskBlob(), "mask.png");
   const res = await api(`/v1/${mode()}`, { method: "POST", body });
   return res.json();
 }
@@ -154,7 +155,7 @@ form.addEventListener("submit", async (event) => {
   const button = $("#submit");
   button.disabled = true;
   try {
-    if (mode() === "inpaint") inpaint.check();
+    if (mode() !== "txt2img") inpaint.check(mode() === "inpaint");
     const job = await submitJob();
     followJob(job);
   } catch (err) {
@@ -184,13 +185,16 @@ for (const radio of form.querySelectorAll('input[name="mode"]')) {
   radio.addEventListener("change", () => setMode(mode()));
 }
 
+// txt2img: no image; img2img: an init image and a strength (the size defaults to the image's, other
+// sizes rescale it); inpaint: an image and a painted mask (the output has the image's size).
 function setMode(value) {
   form.querySelector(`input[name="mode"][value="${value}"]`).checked = true;
-  const withImage = value !== "txt2img";
-  $("#inpaint-panel").hidden = !withImage;
-  for (const id of ["width", "height"]) {
-    $(`#${id}`).disabled = withImage; // the output has the image's size
-  }
+  $("#image-panel").hidden = value === "txt2img";
+  $("#image-panel").dataset.mode = value;
+  $("#image-panel-title").textContent = value === "inpaint" ? "Image and mask" : "Init image";
+  $("#strength-field").hidden = value !== "img2img";
+  for (const id of ["mask-tools", "mask-canvas"]) $(`#${id}`).hidden = value !== "inpaint";
+  for (const id of ["width", "height"]) $(`#${id}`).disabled = value === "inpaint";
 }
 
 // ---------------------------------------------------------------- seeds
@@ -208,7 +212,8 @@ function rememberSeed(seed) {
 // ---------------------------------------------------------------- jobs, events and the gallery
 
 function describe(p) {
-  return `${p.width}×${p.height} · ${p.steps} steps · guidance ${p.guidance_scale}`;
+  const strength = p.strength === undefined ? "" : ` · strength ${p.strength}`;
+  return `${p.width}×${p.height} · ${p.steps} steps · guidance ${p.guidance_scale}${strength}`;
 }
 
 function followJob(job) {
@@ -280,13 +285,14 @@ async function showImage(card, job, index) {
   link.href = url;
   link.download = `ldm-${job.id}-${index}-seed${job.seeds[index]}.${ext}`;
   link.hidden = false;
-  const useInit = $(".use-init", slot);
-  useInit.hidden = false;
-  useInit.addEventListener("click", () => {
-    setMode("inpaint");
-    inpaint.load(blob);
-    $("#prompt").focus();
-  });
+  for (const useInit of slot.querySelectorAll(".use-init")) {
+    useInit.hidden = false;
+    useInit.addEventListener("click", async () => {
+      setMode(useInit.dataset.mode);
+      await inpaint.load(blob);
+      $("#prompt").focus();
+    });
+  }
   const reuse = $(".reuse-seed", slot);
   reuse.hidden = false;
   reuse.addEventListener("click", () => { $("#seed").value = String(job.seeds[index]); $("#seed").focus(); });
@@ -447,9 +453,9 @@ const inpaint = (() => {
 
   return {
     load,
-    check() {
+    check(needsMask) {
       if (!loaded) throw new ApiError(422, { error: { field: "image", message: "image: choose an image first" } });
-      if (!painted || !maskHasPaint()) {
+      if (needsMask && (!painted || !maskHasPaint())) {
         throw new ApiError(422, { error: { field: "mask", message: "mask: paint the area to repaint" } });
       }
     },

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from tests.serving_support import ROOT, free_port, wait_until
 
@@ -211,7 +211,9 @@ def _drag(page: Page, selector: str, points: list[tuple[float, float]]) -> None:
 def test_paint_a_mask_and_inpaint(page: Page, stack: Stack, shots: Path, tmp_path: Path) -> None:
     page.set_viewport_size({"width": 1280, "height": 1000})
     source = tmp_path / "photo.png"
-    Image.new("RGB", (68, 64), (40, 120, 200)).save(source)  # 68 wide: cropped to 64 by the page
+    photo = Image.linear_gradient("L").resize((68, 64)).convert("RGB")  # 68 wide: the page crops to 64
+    ImageDraw.Draw(photo).ellipse((30, 30, 56, 56), fill=(230, 150, 40))
+    photo.save(source)
     open_playground(page, stack.url)
     page.check('input[name="mode"][value="inpaint"]')
     expect(page.locator("#width")).to_be_disabled()
@@ -232,10 +234,10 @@ def test_paint_a_mask_and_inpaint(page: Page, stack: Stack, shots: Path, tmp_pat
     _drag(page, "#mask-canvas", [(0.7, 0.25), (0.95, 0.25)])
     page.check('input[name="brush-mode"][value="paint"]')
     page.fill("#brush-size", "40")
-    page.screenshot(path=str(shots / "playground-inpaint.png"), full_page=True)
     card = submit(page)
     job_id = wait_status(card, "succeeded")
     expect(card.locator(".slot img")).to_have_count(1)
+    page.screenshot(path=str(shots / "playground-inpaint.png"), full_page=True)
 
     with stack.client() as c:
         job = c.get(f"/v1/jobs/{job_id}").json()
@@ -257,23 +259,41 @@ def test_paint_a_mask_and_inpaint(page: Page, stack: Stack, shots: Path, tmp_pat
     assert max(mask.getpixel((x, y)) for x in range(64) for y in range(40, 64)) == 0
 
 
-def test_use_a_result_as_the_inpaint_image(page: Page, stack: Stack) -> None:
+def test_a_result_goes_to_img2img_then_to_inpaint(page: Page, stack: Stack) -> None:
+    """txt2img, "Use for img2img" with a strength, then "Use for inpaint" on that result."""
     open_playground(page, stack.url)
     page.fill("#prompt", "a meadow")
     page.fill("#steps", "12")
     source = submit(page)
     wait_status(source, "succeeded")
-    source.locator(".use-init").first.click()
-    expect(page.locator('input[name="mode"][value="inpaint"]')).to_be_checked()
+    source.locator('.use-init[data-mode="img2img"]').first.click()
+    expect(page.locator('input[name="mode"][value="img2img"]')).to_be_checked()
     expect(page.locator("#canvas-wrap")).to_have_attribute("data-size", "64x64")
+    expect(page.locator("#mask-tools")).to_be_hidden()
+    page.fill("#steps", "40")
+    page.fill("#strength", "1.5")
+    page.click("#submit")
+    expect(page.locator("#strength-error")).to_contain_text("strength")
+    expect(page.locator("#strength")).to_be_focused()
+    page.fill("#strength", "0.5")
+    middle = submit(page)
+    img2img_id = wait_status(middle, "succeeded")
+    expect(middle.locator(".job-params")).to_contain_text("img2img")
+    expect(middle.locator(".job-params")).to_contain_text("strength 0.5")
+
+    middle.locator('.use-init[data-mode="inpaint"]').first.click()
+    expect(page.locator('input[name="mode"][value="inpaint"]')).to_be_checked()
+    expect(page.locator("#strength-field")).to_be_hidden()
     _drag(page, "#mask-canvas", [(0.3, 0.5), (0.7, 0.5)])
-    card = submit(page)
-    job_id = wait_status(card, "succeeded")
+    inpaint_id = wait_status(submit(page), "succeeded")
     with stack.client() as c:
-        assert c.get(f"/v1/jobs/{job_id}").json()["kind"] == "inpaint"
+        img2img = c.get(f"/v1/jobs/{img2img_id}").json()
+        assert c.get(f"/v1/jobs/{inpaint_id}").json()["kind"] == "inpaint"
+    assert img2img["kind"] == "img2img" and img2img["parameters"]["strength"] == 0.5, img2img
+    assert img2img["progress"]["total"] == 20, img2img  # int(40 * 0.5) steps ran
 
 
-def test_cancel_a_running_job(page: Page, stack: Stack) -> None:
+def test_cancel_a_running_job(page: Page, stack: Stack, shots: Path) -> None:
     open_playground(page, stack.url)
     page.fill("#prompt", "a very long job")
     page.fill("#steps", "500")  # the most this model runs (501-1000 index past its schedule)
@@ -283,6 +303,10 @@ def test_cancel_a_running_job(page: Page, stack: Stack) -> None:
     card = submit(page)
     expect(card).to_have_attribute("data-status", "running")
     expect(card).to_have_attribute("data-step", re.compile(r"^[1-9]"))
+    if os.environ.get("LDM_PLAYGROUND_SCREENSHOTS"):  # for the docs: a bar that shows (not part of the test)
+        page.wait_for_function("() => Number(document.querySelector('#gallery .job').dataset.step) >= 100")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(shots / "playground-progress.png"))
     card.locator(".cancel").click()
     job_id = wait_status(card, "canceled")
     expect(card.locator(".job-status")).to_have_text("canceled")

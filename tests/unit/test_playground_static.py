@@ -57,9 +57,11 @@ def test_nothing_is_loaded_from_another_origin() -> None:
 
 def test_form_fields_are_named_as_the_api_names_them() -> None:
     schemas = build_schemas(Settings())
-    api_fields = set(schemas.Txt2ImgRequest.model_fields) | set(schemas.InpaintForm.model_fields)
+    api_fields = (set(schemas.Txt2ImgRequest.model_fields) | set(schemas.InpaintForm.model_fields)
+                  | set(schemas.Img2ImgForm.model_fields))
     fields = set(re.findall(r'data-field="([^"]+)"', static_file("index.html").decode()))
-    assert {"prompt", "negative_prompt", "model", "width", "height", "steps", "guidance_scale", "seed", "n"} <= fields
+    assert {"prompt", "negative_prompt", "model", "width", "height", "steps", "guidance_scale", "seed", "n",
+            "strength"} <= fields
     assert fields - api_fields == {"authorization", "image", "mask"}  # the 401's field and the two uploads
 
 
