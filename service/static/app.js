@@ -273,8 +273,14 @@ async function showImage(card, job, index) {
   const slot = card.querySelector(`.slot[data-index="${index}"]`);
   if (!slot || slot.classList.contains("done")) return;
   slot.classList.add("done");
-  const res = await api(`/v1/jobs/${job.id}/images/${index}`);
-  const blob = await res.blob();
+  let blob;
+  try {
+    blob = await (await api(`/v1/jobs/${job.id}/images/${index}`)).blob();
+  } catch (err) {
+    slot.classList.remove("done"); // the final `done` event tries again
+    $(".job-error", card).textContent = err.message;
+    return;
+  }
   const url = URL.createObjectURL(blob);
   const img = new Image();
   img.src = url;

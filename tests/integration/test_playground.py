@@ -389,6 +389,18 @@ def test_phone_screen(browser: Browser, stack: Stack, shots: Path) -> None:
         context.close()
 
 
+def test_without_api_keys_there_is_no_key_field(page: Page, service) -> None:
+    """The shared ``service`` stack has no API keys: the page asks for none and just works."""
+    page.goto(service.url + "/")
+    expect(page.locator("#model option")).not_to_have_count(0)
+    expect(page.locator("#api-key-field")).to_be_hidden()
+    page.fill("#prompt", "no key needed")
+    page.fill("#steps", "4")
+    card = submit(page)
+    wait_status(card, "succeeded")
+    expect(card.locator(".slot img")).to_have_count(1)
+
+
 def test_queue_position_comes_from_the_event_stream(page: Page, aux) -> None:
     """The ``aux`` gateway has no worker, so jobs stay queued: the second job shows one more job ahead,
     and when the first is canceled its position drops (a ``queue`` event of its SSE stream)."""
