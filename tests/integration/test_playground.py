@@ -257,6 +257,17 @@ def test_paint_a_mask_and_inpaint(page: Page, stack: Stack, shots: Path, tmp_pat
     assert all(v < 128 for v in erased), erased
     assert max(mask.getpixel((x, 51)) for x in range(64)) == 0  # the cleared stroke left nothing
     assert max(mask.getpixel((x, y)) for x in range(64) for y in range(40, 64)) == 0
+    # the model repainted the stroke and kept the rest of the (cropped) image
+    with stack.client() as c:
+        result = Image.open(io.BytesIO(c.get(f"/v1/jobs/{job_id}/images/0").content)).convert("RGB")
+    original = photo.crop((0, 0, 64, 64))
+
+    def mean_diff(box: tuple[int, int, int, int]) -> float:
+        a, b = result.crop(box).getdata(), original.crop(box).getdata()
+        return sum(abs(x - y) for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=True)) / (3 * len(a))
+
+    kept, repainted = mean_diff((0, 40, 64, 64)), mean_diff((4, 14, 40, 18))
+    assert kept < 2 < repainted, (kept, repainted)
 
 
 def test_a_result_goes_to_img2img_then_to_inpaint(page: Page, stack: Stack) -> None:
