@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     cors_origins: str = Field(
         default="", description="comma-separated origins allowed by CORS (`*` = any); empty = CORS off"
     )
+    playground: bool = Field(default=True, description="serve the web playground at / (service/static/)")
 
     # --- worker ----------------------------------------------------------------------------
     model_path: Path | None = None

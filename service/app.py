@@ -45,6 +45,7 @@ from ldm_serve.quotas import QuotaLimiter
 from ldm_serve.results import RedisResultStore
 from ldm_serve.settings import Settings
 from ldm_serve.signed_urls import url_signer
+from service import playground
 from service.admission import rate_limit_headers
 from service.bodies import BodyLimitMiddleware, body_limit
 from service.deps import Gateway
@@ -366,5 +367,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(system.router)
     app.include_router(openai_images.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.openapi = lambda: _openapi_with_bodies(app, schemas)  # type: ignore[method-assign]
     return app

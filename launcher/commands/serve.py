@@ -235,7 +235,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.5)
         sup.ready_once = True
-        print(f"\nldm-serve is up: {url}   (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+        print(f"\nldm-serve is up: {url}   (playground: {url}/, API docs: {url}/docs; Ctrl-C to stop)", flush=True)
         if settings.grpc_port is not None:
             print(f"gRPC (ldm_serve.v1.GenerationService): {args.host}:{settings.grpc_port}", flush=True)
         print(f"serving: {_describe_models(store)}\n", flush=True)

@@ -58,7 +58,7 @@ async def get_image(job_id: str, index: int, gw: GatewayDep, access: JobAccessDe
     )
 
 
-@router.get("/{job_id}/events", summary="Server-sent events: status, progress, image; ends with `done`")
+@router.get("/{job_id}/events", summary="Server-sent events: status, queue (position), progress, image; ends with `done`")
 async def job_events(
     job_id: str,
     request: Request,
@@ -71,8 +71,17 @@ async def job_events(
     async def final_view() -> dict[str, Any]:
         return await public_job(gw, job_id, await gw.call(gw.store.get, job_id))
 
+    async def queue_position() -> int | None:
+        try:
+            rec = await gw.call(gw.store.get, job_id)
+        except JobNotFound:
+            return None
+        if rec["status"] != JobStatus.QUEUED.value:
+            return None
+        return await gw.call(gw.store.queue_position, job_id, rec["model"], rec["priority"])
+
     return StreamingResponse(
-        sse_stream(gw, job_id, last_event_id, request.is_disconnected, final_view),
+        sse_stream(gw, job_id, last_event_id, request.is_disconnected, final_view, queue_position),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

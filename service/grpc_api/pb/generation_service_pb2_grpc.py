@@ -6,7 +6,7 @@ import warnings
 
 from service.grpc_api.pb import generation_service_pb2 as ldm__serve_dot_v1_dot_generation__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
