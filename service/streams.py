@@ -9,7 +9,6 @@ ahead of this one) whenever the position changes; they carry no id (they are not
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
