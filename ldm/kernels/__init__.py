@@ -1,8 +1,10 @@
 """Kernels chosen for a property the default ones lack (see :mod:`ldm.kernels.batch_invariant`)."""
 
 from ldm.kernels.batch_invariant import (
+    CONV_FORMULATIONS,
     InvariantConv2d,
     InvariantLinear,
+    im2col_conv2d,
     invariant_conv2d,
     invariant_linear,
     is_batch_invariant,
@@ -10,8 +12,10 @@ from ldm.kernels.batch_invariant import (
 )
 
 __all__ = [
+    "CONV_FORMULATIONS",
     "InvariantConv2d",
     "InvariantLinear",
+    "im2col_conv2d",
     "invariant_conv2d",
     "invariant_linear",
     "is_batch_invariant",

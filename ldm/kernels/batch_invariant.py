@@ -42,6 +42,8 @@ from torch import nn
 __all__ = [
     "InvariantConv2d",
     "InvariantLinear",
+    "CONV_FORMULATIONS",
+    "im2col_conv2d",
     "invariant_conv2d",
     "invariant_linear",
     "is_batch_invariant",
@@ -81,17 +83,49 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
     w = weight.t()  # [in, out]
-    out = torch.bmm(rows, w.expand(rows.shape[0], w.shape[0], w.shape[1]))  # [N, T, out]
-    if bias is not None:
-        out = out + bias
+    w = w.expand(rows.shape[0], w.shape[0], w.shape[1])  # [N, in, out], no copy
+    if bias is None:
+        out = torch.bmm(rows, w)  # [N, T, out]
+    else:  # the bias enters each row's GEMM as its C matrix
+        out = torch.baddbmm(bias.expand(rows.shape[0], rows.shape[1], bias.shape[0]), rows, w)
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
+def im2col_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
+) -> torch.Tensor:
+    """``conv2d(x, weight, bias)`` (groups 1, dilation 1) as one im2col + GEMM per image.
+
+    ATen's ``thnn_conv2d`` loops over the images: each is unfolded into its own
+    ``[C_in*kh*kw, H'*W']`` buffer and multiplied by the ``[C_out, C_in*kh*kw]`` weight,
+    always the same GEMM whatever the batch, so invariance holds by construction.
+
+    Args:
+        x: ``[N, C_in, H, W]``.
+
+    Returns:
+        ``[N, C_out, H', W']``, contiguous.
+    """
+    kernel = [weight.shape[2], weight.shape[3]]
+    return torch._C._nn.thnn_conv2d(x.contiguous(), weight.contiguous(), kernel, bias, stride, padding)
+
+
+CONV_FORMULATIONS = ("im2col", "onednn")
+
+
 class InvariantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computed by :func:`invariant_conv2d` (same parameters and state dict)."""
+    """``nn.Conv2d`` computed by a batch-invariant formulation (same parameters and state dict).
+
+    ``formulation``: ``"im2col"`` (:func:`im2col_conv2d`, the default) or ``"onednn"``
+    (:func:`invariant_conv2d`).
+    """
+
+    formulation: str = "im2col"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
+        if self.formulation == "onednn":
+            return invariant_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
+        return im2col_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
 
 
 class InvariantLinear(nn.Linear):
@@ -112,16 +146,24 @@ def _convertible_conv(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def make_batch_invariant(module: nn.Module) -> nn.Module:
+def make_batch_invariant(module: nn.Module, *, conv: str = "im2col") -> nn.Module:
     """Swap ``module``'s plain ``Conv2d`` and ``Linear`` layers for the invariant ones, in place.
 
-    Convolution weights move to channels-last memory format (values unchanged).
-    Returns ``module``, marked for :func:`is_batch_invariant`. Converting twice is harmless.
+    Args:
+        conv: the convolution formulation, ``"im2col"`` or ``"onednn"`` (see
+            :class:`InvariantConv2d`); converting again switches it.
+
+    Returns ``module``, marked for :func:`is_batch_invariant`. Parameters keep their values
+    (the oneDNN formulation moves convolution weights to channels-last memory format).
     """
+    if conv not in CONV_FORMULATIONS:
+        raise ValueError(f"conv must be one of {CONV_FORMULATIONS}, got {conv!r}")
     for m in module.modules():
-        if _convertible_conv(m):
+        if _convertible_conv(m) or isinstance(m, InvariantConv2d):
             m.__class__ = InvariantConv2d
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            m.formulation = conv
+            fmt = torch.channels_last if conv == "onednn" else torch.contiguous_format
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         elif type(m) is nn.Linear:
             m.__class__ = InvariantLinear
     object.__setattr__(module, _MARK, True)
