@@ -119,7 +119,22 @@ def unet_candidates(traced: dict, x: torch.Tensor, t: torch.Tensor, c: torch.Ten
     }
 
 
-def unet_table(path: Path, rows_list: list[int], repeats: int) -> list[str]:
+def top_ops(fn: Callable[[], object], rounds: int, top: int) -> list[tuple[str, float, int]]:
+    """``(op, share of self CPU time, calls per round)`` of the ``top`` ops of ``fn`` (torch.profiler)."""
+    from torch.profiler import profile
+
+    with torch.inference_mode():
+        fn()
+        with profile() as prof:
+            for _ in range(rounds):
+                fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / total, e.count // rounds) for e in events[:top]]
+
+
+def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int = 0) -> list[str]:
     """Whole UNet, TorchScript: per-row calls of the plain UNet vs one call of the invariant ones."""
     plain = load_pipeline(path, core_workers=1)
     h = plain.default_size // plain.downsample_factor
@@ -146,6 +161,13 @@ def unet_table(path: Path, rows_list: list[int], repeats: int) -> list[str]:
         ms = {k: v / 1000 for k, v in best_us(unet_candidates(fns, x, t, c), repeats, n).items()}
         lines.append(f"| {n} | {ms['rows']:.2f} | {ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) | "
                      f"{ms['oneDNN']:.2f} ({ms['rows'] / ms['oneDNN']:.2f}x) | {ms['batched']:.2f} |")  # fmt: skip
+    if profile_rows:
+        x = torch.randn(profile_rows, plain.latent_channels, h, h)
+        t, c = torch.randint(0, 1000, (profile_rows,)), torch.randn(profile_rows, ctx_len, ctx_dim)
+        for name, fn in unet_candidates(fns, x, t, c).items():
+            ops = top_ops(fn, 3, 6)
+            lines.append(f"\nTop ops, {name}, {profile_rows} rows (share of self CPU time, calls per forward): "
+                         + ", ".join(f"`{k}` {share:.0%} ({n})" for k, share, n in ops))  # fmt: skip
     return lines
 
 
@@ -158,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--layers", type=int, default=-1, help="layer shapes per model (-1: all, 0: none)")
+    parser.add_argument(
+        "--profile-rows", type=int, default=8, help="torch.profiler top ops at this many rows (0: off)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a core worker's setting
 
@@ -174,7 +199,11 @@ def main(argv: list[str] | None = None) -> None:
             print("| rows per call | one call per row (previous) | invariant im2col, one call (speed-up) | "
                   "invariant oneDNN, one call (speed-up) | default kernels, one call (not invariant) |")  # fmt: skip
             print("|---:|---:|---:|---:|---:|")
-            print("\n".join(unet_table(Path(path), args.unet_rows, max(3, args.repeats // 2))))
+            print(
+                "\n".join(
+                    unet_table(Path(path), args.unet_rows, max(3, args.repeats // 2), args.profile_rows)
+                )
+            )
             if args.layers:
                 pipe = load_pipeline(path, core_workers=2)
                 print(f"\n### {label}: layers, {args.rows} rows, one thread (us per row)\n")

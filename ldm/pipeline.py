@@ -108,10 +108,12 @@ class LatentDiffusionPipeline:
         name: model id reported to clients.
         timestep_spacing: DDIM discretization; ``"uniform"`` is the original LDM one.
         untrained: True for random-weight models (the service says so loudly).
-        batch_invariant: run the UNet one row at a time so that a row's image is
-            bit-identical alone or batched (``None``: on for CPU, where oneDNN/MKL
-            round differently per batch size; off for CUDA until batch-invariant
-            kernels land there).
+        batch_invariant: a row's image is bit-identical alone or batched (``None``: on
+            for CPU, where oneDNN/MKL round differently per batch size; off for CUDA
+            until batch-invariant kernels land there). With core workers the UNet, text
+            encoder and decoder are converted to batch-invariant kernels
+            (:mod:`ldm.kernels.batch_invariant`) and each worker runs its shard of rows
+            as one call; without them every row is its own call.
         core_workers: CPU only: run the UNet, text encoder and decoder on this many
             threads of one core each, over rows (batch-invariant) or shards of the
             batch (see :mod:`ldm.execution.core_pool`); ``None``: torch's thread count;
