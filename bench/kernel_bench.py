@@ -5,9 +5,11 @@ use (recorded from a real generation, :mod:`ldm.kernels.probe`), and for the who
 UNet (TorchScript, as served), microseconds per row of:
 
 * ``rows``: one call per row with the default kernels (the previous batch-invariant engine);
-* ``im2col``: one call for the batch with :mod:`ldm.kernels.batch_invariant` (the default:
-  convolutions as ``thnn_conv2d``, one im2col + GEMM per image; linears as per-row ``bmm``);
-* ``oneDNN``: the same with the channels-last oneDNN convolution (one image run as two);
+* ``hybrid``: one call for the batch with :mod:`ldm.kernels.batch_invariant` (the default:
+  oneDNN called directly for spatial convolutions, ATen's per-image im2col + GEMM for 1x1;
+  linears as per-row ``bmm``);
+* ``im2col``: the same with every convolution as per-image im2col + GEMM;
+* per layer, ``im2col`` and ``oneDNN`` (``torch.mkldnn_convolution``) separately;
 * ``batched``: one call for the batch with the default kernels (fastest, NOT batch-invariant);
 * for convolutions also ``unfold+bmm`` (``F.unfold`` then ``bmm``, invariant by construction).
 
@@ -39,9 +41,9 @@ from ldm.kernels import (  # noqa: E402
     InvariantConv2d,
     InvariantLinear,
     im2col_conv2d,
-    invariant_conv2d,
     invariant_linear,
     make_batch_invariant,
+    onednn_conv2d,
 )
 from ldm.kernels.probe import record_layer_calls, row_batch  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
@@ -73,7 +75,7 @@ def conv_candidates(m: nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[], obj
     return {
         "rows": lambda: [F.conv2d(x[i : i + 1], w, b, s, p) for i in range(n)],
         "im2col": lambda: im2col_conv2d(x, w, b, s, p),
-        "oneDNN": lambda: invariant_conv2d(x, w, b, s, p),
+        "oneDNN": lambda: onednn_conv2d(x, w, b, s, p),
         "batched": lambda: F.conv2d(x, w, b, s, p),
         "unfold+bmm": unfold_bmm,
     }
@@ -113,8 +115,8 @@ def unet_candidates(traced: dict, x: torch.Tensor, t: torch.Tensor, c: torch.Ten
     n = x.shape[0]
     return {
         "rows": lambda: [traced["plain"](x[i : i + 1], t[i : i + 1], c[i : i + 1]) for i in range(n)],
+        "hybrid": lambda: traced["hybrid"](x, t, c),
         "im2col": lambda: traced["im2col"](x, t, c),
-        "oneDNN": lambda: traced["onednn"](x, t, c),
         "batched": lambda: traced["plain"](x, t, c),
     }
 
@@ -151,16 +153,16 @@ def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int
     with torch.no_grad():
         fns = {
             "plain": traced(plain.model.unet),
+            "hybrid": traced(make_batch_invariant(copy.deepcopy(plain.model.unet), conv="hybrid")),
             "im2col": traced(make_batch_invariant(copy.deepcopy(plain.model.unet), conv="im2col")),
-            "onednn": traced(make_batch_invariant(copy.deepcopy(plain.model.unet), conv="onednn")),
         }
     lines = []
     for n in rows_list:
         x = torch.randn(n, plain.latent_channels, h, h)
         t, c = torch.randint(0, 1000, (n,)), torch.randn(n, ctx_len, ctx_dim)
         ms = {k: v / 1000 for k, v in best_us(unet_candidates(fns, x, t, c), repeats, n).items()}
-        lines.append(f"| {n} | {ms['rows']:.2f} | {ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) | "
-                     f"{ms['oneDNN']:.2f} ({ms['rows'] / ms['oneDNN']:.2f}x) | {ms['batched']:.2f} |")  # fmt: skip
+        lines.append(f"| {n} | {ms['rows']:.2f} | {ms['hybrid']:.2f} ({ms['rows'] / ms['hybrid']:.2f}x) | "
+                     f"{ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) | {ms['batched']:.2f} |")  # fmt: skip
     if profile_rows:
         x = torch.randn(profile_rows, plain.latent_channels, h, h)
         t, c = torch.randint(0, 1000, (profile_rows,)), torch.randn(profile_rows, ctx_len, ctx_dim)
@@ -196,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         for path in [m for m in models if m is not None]:
             label = Path(path).stem
             print(f"\n### {label}: whole UNet, TorchScript, one thread (ms per row)\n")
-            print("| rows per call | one call per row (previous) | invariant im2col, one call (speed-up) | "
-                  "invariant oneDNN, one call (speed-up) | default kernels, one call (not invariant) |")  # fmt: skip
+            print("| rows per call | one call per row (previous) | invariant hybrid, one call (speed-up) | "
+                  "invariant im2col, one call (speed-up) | default kernels, one call (not invariant) |")  # fmt: skip
             print("|---:|---:|---:|---:|---:|")
             print(
                 "\n".join(
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 pipe = load_pipeline(path, core_workers=2)
                 print(f"\n### {label}: layers, {args.rows} rows, one thread (us per row)\n")
                 print(
-                    "| layer | input (one row) | rows | invariant: im2col (linear: bmm) | invariant: oneDNN "
+                    "| layer | input (one row) | rows | invariant: im2col (linear: bmm) | invariant: oneDNN direct "
                     "| batched (not invariant) | unfold+bmm |"
                 )
                 print("|---|---|---:|---:|---:|---:|---:|")

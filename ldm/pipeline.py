@@ -110,10 +110,10 @@ class LatentDiffusionPipeline:
         untrained: True for random-weight models (the service says so loudly).
         batch_invariant: a row's image is bit-identical alone or batched (``None``: on
             for CPU, where oneDNN/MKL round differently per batch size; off for CUDA
-            until batch-invariant kernels land there). With core workers the UNet and
-            text encoder are converted to batch-invariant kernels
+            until batch-invariant kernels land there). With core workers the UNet, text
+            encoder and decoder are converted to batch-invariant kernels
             (:mod:`ldm.kernels.batch_invariant`) and each worker runs its shard of rows
-            as one call; the decoder, and everything without core workers, runs one call per row.
+            as one call; without them every row is its own call.
         core_workers: CPU only: run the UNet, text encoder and decoder on this many
             threads of one core each, over rows (batch-invariant) or shards of the
             batch (see :mod:`ldm.execution.core_pool`); ``None``: torch's thread count;
@@ -161,10 +161,8 @@ class LatentDiffusionPipeline:
         self.core_pool: CorePool | None = shared_core_pool(workers) if use_pool else None
         if self.batch_invariant and self.core_pool is not None:
             # each one-core worker runs its shard of rows as one call of batch-invariant kernels
-            # (ldm.kernels.batch_invariant) instead of one call per row; without a pool rows stay separate.
-            # The decoder keeps one call per image: its 64x64+ convolutions are 2-5x slower as im2col
-            # (bench/kernel_bench.py) and it runs once per image, not twice per step.
-            for part in (model.unet, model.cond_stage):
+            # (ldm.kernels.batch_invariant) instead of one call per row; without a pool rows stay separate
+            for part in (model.unet, model.first_stage, model.cond_stage):
                 if isinstance(part, torch.nn.Module):
                     make_batch_invariant(part)
 

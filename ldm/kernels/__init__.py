@@ -5,10 +5,10 @@ from ldm.kernels.batch_invariant import (
     InvariantConv2d,
     InvariantLinear,
     im2col_conv2d,
-    invariant_conv2d,
     invariant_linear,
     is_batch_invariant,
     make_batch_invariant,
+    onednn_conv2d,
 )
 
 __all__ = [
@@ -16,8 +16,8 @@ __all__ = [
     "InvariantConv2d",
     "InvariantLinear",
     "im2col_conv2d",
-    "invariant_conv2d",
     "invariant_linear",
     "is_batch_invariant",
     "make_batch_invariant",
+    "onednn_conv2d",
 ]

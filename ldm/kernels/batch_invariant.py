@@ -6,10 +6,12 @@ differently. The engine used to buy batch invariance with one-row UNet calls;
 these kernels buy it per operator instead, so a whole shard of rows runs as one
 call (``docs/benchmarks.md``, "Batch-invariant kernels", has the measurements):
 
-* **convolution** (:func:`invariant_conv2d`): oneDNN's channels-last convolution
-  computes every image of a batch of two or more with the same kernel, so an
-  image's result does not depend on the batch; a one-image call picks another
-  kernel, so one image is run as a batch of two (itself twice) and the copy dropped.
+* **convolution**: ``F.conv2d`` chooses its backend per call (oneDNN for batches,
+  ATen's im2col kernel for most one-image calls), so a row alone and the row in a
+  batch take different kernels. Calling oneDNN directly (:func:`onednn_conv2d`) runs
+  every image with the same kernel at any batch size; 1x1 convolutions use ATen's
+  im2col kernel (:func:`im2col_conv2d`, one GEMM per image: invariant by construction
+  and faster than oneDNN there).
 * **linear** (:func:`invariant_linear`): ``torch.bmm`` with the weight expanded
   per row: one GEMM per row, always of the row's own shape ``[tokens, in] x [in, out]``,
   whatever the batch (``F.linear`` flattens the batch into the GEMM's M dimension
@@ -25,10 +27,9 @@ pipeline and engine tests check whole images. ``bench/kernel_bench.py`` compares
 formulations' speed.
 
 :func:`make_batch_invariant` converts a model in place (class swap, same
-parameters and state dict). The TorchScript backend keeps the kernels (the
-one-image branch is scripted, so it survives tracing); other backends may
-rewrite them, so :func:`is_batch_invariant` is true only for eager and
-TorchScript modules converted here.
+parameters and state dict). The TorchScript backend keeps the kernels (a trace
+records them as they are); other backends may rewrite them, so
+:func:`is_batch_invariant` is true only for eager and TorchScript modules converted here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -44,32 +44,34 @@ __all__ = [
     "InvariantLinear",
     "CONV_FORMULATIONS",
     "im2col_conv2d",
-    "invariant_conv2d",
     "invariant_linear",
     "is_batch_invariant",
     "make_batch_invariant",
+    "onednn_conv2d",
 ]
 
 _MARK = "_ldm_batch_invariant"
 _KEEPS_KERNELS = ("eager", "torchscript")  # backends that run the converted graph as it is
 
 
-@torch.jit.script
-def invariant_conv2d(
+def onednn_conv2d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
 ) -> torch.Tensor:
-    """``conv2d(x, weight, bias)`` (groups 1, dilation 1) whose row ``i`` depends only on ``x[i]``.
+    """``conv2d(x, weight, bias)`` (groups 1, dilation 1) on oneDNN, whatever the batch size.
+
+    ``F.conv2d`` picks its backend per call (oneDNN for batches, ATen's im2col kernel
+    for many one-image calls), which is what makes a row alone differ from the row in
+    a batch. Called directly, oneDNN's NCHW convolution runs every image with the same
+    kernel from a batch of one to sixteen (measured for every shape of our models,
+    ``tests/unit/test_batch_invariant_kernels.py``).
 
     Args:
-        x: ``[N, C_in, H, W]``, any memory format (made channels-last).
+        x: ``[N, C_in, H, W]``.
 
     Returns:
-        ``[N, C_out, H', W']`` in channels-last memory format.
+        ``[N, C_out, H', W']``, contiguous.
     """
-    x = x.contiguous(memory_format=torch.channels_last)
-    if x.shape[0] == 1:  # oneDNN's one-image kernel rounds differently: run it as a batch of two
-        return F.conv2d(torch.cat([x, x]), weight, bias, stride, padding)[:1]
-    return F.conv2d(x, weight, bias, stride, padding)
+    return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, padding, stride, [1, 1], 1)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,22 +112,24 @@ def im2col_conv2d(
     return torch._C._nn.thnn_conv2d(x.contiguous(), weight.contiguous(), kernel, bias, stride, padding)
 
 
-CONV_FORMULATIONS = ("im2col", "onednn")
+CONV_FORMULATIONS = ("hybrid", "im2col")
 
 
 class InvariantConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by a batch-invariant formulation (same parameters and state dict).
 
-    ``formulation``: ``"im2col"`` (:func:`im2col_conv2d`, the default) or ``"onednn"``
-    (:func:`invariant_conv2d`).
+    ``formulation``: ``"hybrid"`` (the default: :func:`onednn_conv2d` for spatial
+    kernels, :func:`im2col_conv2d` for 1x1 ones, where it is one plain GEMM per image
+    and oneDNN is 2-5x slower) or ``"im2col"`` (:func:`im2col_conv2d` for all; 2-5x
+    slower on large 3x3 convolutions).
     """
 
-    formulation: str = "im2col"
+    formulation: str = "hybrid"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.formulation == "onednn":
-            return invariant_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
-        return im2col_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
+        if self.formulation == "im2col" or self.kernel_size == (1, 1):
+            return im2col_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
+        return onednn_conv2d(x, self.weight, self.bias, list(self.stride), list(self.padding))
 
 
 class InvariantLinear(nn.Linear):
@@ -146,15 +150,14 @@ def _convertible_conv(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def make_batch_invariant(module: nn.Module, *, conv: str = "im2col") -> nn.Module:
+def make_batch_invariant(module: nn.Module, *, conv: str = "hybrid") -> nn.Module:
     """Swap ``module``'s plain ``Conv2d`` and ``Linear`` layers for the invariant ones, in place.
 
     Args:
-        conv: the convolution formulation, ``"im2col"`` or ``"onednn"`` (see
+        conv: the convolution formulation, ``"hybrid"`` or ``"im2col"`` (see
             :class:`InvariantConv2d`); converting again switches it.
 
-    Returns ``module``, marked for :func:`is_batch_invariant`. Parameters keep their values
-    (the oneDNN formulation moves convolution weights to channels-last memory format).
+    Returns ``module``, marked for :func:`is_batch_invariant`; parameters are untouched.
     """
     if conv not in CONV_FORMULATIONS:
         raise ValueError(f"conv must be one of {CONV_FORMULATIONS}, got {conv!r}")
@@ -162,8 +165,6 @@ def make_batch_invariant(module: nn.Module, *, conv: str = "im2col") -> nn.Modul
         if _convertible_conv(m) or isinstance(m, InvariantConv2d):
             m.__class__ = InvariantConv2d
             m.formulation = conv
-            fmt = torch.channels_last if conv == "onednn" else torch.contiguous_format
-            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         elif type(m) is nn.Linear:
             m.__class__ = InvariantLinear
     object.__setattr__(module, _MARK, True)
