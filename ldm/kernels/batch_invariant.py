@@ -4,7 +4,8 @@ CPU convolution and GEMM libraries pick kernels (blocking, reduction order) by
 problem size, so the same image computed alone or inside a batch of eight rounds
 differently. The engine used to buy batch invariance with one-row UNet calls;
 these kernels buy it per operator instead, so a whole shard of rows runs as one
-call (``docs/benchmarks.md``, "Batch-invariant kernels", has the measurements):
+call (``docs/benchmarks.md``, "Batch invariance without one-row calls", has the
+measurements):
 
 * **convolution**: ``F.conv2d`` chooses its backend per call (oneDNN for batches,
   ATen's im2col kernel for most one-image calls), so a row alone and the row in a
@@ -158,9 +159,12 @@ def make_batch_invariant(module: nn.Module, *, conv: str = "hybrid") -> nn.Modul
             :class:`InvariantConv2d`); converting again switches it.
 
     Returns ``module``, marked for :func:`is_batch_invariant`; parameters are untouched.
+    Without oneDNN in the torch build every convolution takes the im2col formulation.
     """
     if conv not in CONV_FORMULATIONS:
         raise ValueError(f"conv must be one of {CONV_FORMULATIONS}, got {conv!r}")
+    if not torch.backends.mkldnn.is_available():  # a torch build without oneDNN: ATen's kernel only
+        conv = "im2col"
     for m in module.modules():
         if _convertible_conv(m) or isinstance(m, InvariantConv2d):
             m.__class__ = InvariantConv2d
