@@ -38,6 +38,7 @@ from torch import nn
 from ldm.backends.base import DecoderCall, UNetCall, UNetShapes, unet_input_names
 from ldm.backends.cache import artifact_key, atomic_write, file_identity
 from ldm.backends.compile import example_unet_inputs
+from ldm.kernels import with_default_kernels
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def _export(
     def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad(), _four_dim_attention():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
+            torch.onnx.export(with_default_kernels(module).eval(), args, str(tmp), **kwargs)
 
     if exporter == "dynamo":
         # large models keep their weights in a side file named after the target: write in place

@@ -9,6 +9,7 @@ from ldm.kernels.batch_invariant import (
     is_batch_invariant,
     make_batch_invariant,
     onednn_conv2d,
+    with_default_kernels,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "is_batch_invariant",
     "make_batch_invariant",
     "onednn_conv2d",
+    "with_default_kernels",
 ]

@@ -35,6 +35,7 @@ records them as they are); other backends may rewrite them, so
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ __all__ = [
     "is_batch_invariant",
     "make_batch_invariant",
     "onednn_conv2d",
+    "with_default_kernels",
 ]
 
 _MARK = "_ldm_batch_invariant"
@@ -189,3 +191,23 @@ def is_batch_invariant(fn: Any) -> bool:
             return False
         fn = getattr(fn, "eager", None) or getattr(fn, "source", None)
     return bool(getattr(fn, _MARK, False)) if fn is not None else False
+
+
+def with_default_kernels(module: nn.Module) -> nn.Module:
+    """``module`` if it holds no invariant layer, else a deep copy with the plain classes back.
+
+    For compilers and exporters that cannot take the invariant kernels as they are
+    (ONNX has no ``mkldnn_convolution``; inductor may rewrite them): they get the same
+    weights with ``nn.Conv2d`` / ``nn.Linear``, and the copy is not marked invariant.
+    """
+    if not any(isinstance(m, (InvariantConv2d, InvariantLinear)) for m in module.modules()):
+        return module
+    plain = copy.deepcopy(module)
+    for m in plain.modules():
+        m.__dict__.pop(_MARK, None)
+        if isinstance(m, InvariantConv2d):
+            m.__dict__.pop("formulation", None)
+            m.__class__ = nn.Conv2d
+        elif isinstance(m, InvariantLinear):
+            m.__class__ = nn.Linear
+    return plain

@@ -20,7 +20,13 @@ from ldm.backends import apply_backend
 from ldm.engine.admission import AdmissionConfig
 from ldm.engine.engine import ContinuousBatchEngine
 from ldm.execution.core_pool import ShardedUNet
-from ldm.kernels import InvariantConv2d, InvariantLinear, is_batch_invariant, make_batch_invariant
+from ldm.kernels import (
+    InvariantConv2d,
+    InvariantLinear,
+    is_batch_invariant,
+    make_batch_invariant,
+    with_default_kernels,
+)
 from ldm.kernels.probe import record_layer_calls, row_batch
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
@@ -124,6 +130,12 @@ def test_conversion_keeps_weights_and_close_outputs(one_thread) -> None:
         assert all(torch.equal(state[k], v) for k, v in conv.state_dict().items())
         torch.testing.assert_close(conv(x), want_conv, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lin(y), want_lin, rtol=1e-5, atol=1e-5)
+    seq = make_batch_invariant(nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Linear(6, 6)))
+    plain = with_default_kernels(seq)  # for exporters (ONNX) and other compilers
+    assert type(plain[0]) is nn.Conv2d and type(plain[1]) is nn.Linear and not is_batch_invariant(plain)
+    assert is_batch_invariant(seq) and isinstance(seq[0], InvariantConv2d)  # the original is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), seq(x), rtol=1e-5, atol=1e-5)
     grouped = nn.Conv2d(8, 8, 3, groups=2)
     make_batch_invariant(grouped)
     assert type(grouped) is nn.Conv2d  # not a shape the invariant kernel covers: left as it is
