@@ -36,7 +36,7 @@ from ldm.backends.base import (
 )
 from ldm.backends.cache import file_identity
 from ldm.backends.compile import DEFAULT_BUCKETS, compile_decoder, compile_unet, example_unet_inputs
-from ldm.kernels import with_default_kernels
+from ldm.kernels import revert_batch_invariant
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -152,12 +152,13 @@ def apply_backend(
         "inductor_mode": inductor_mode,
     }
     shapes = UNetShapes(batch=1, height=h0 // f, width=w0 // f, context_len=_context_len(pipeline))
-    # backends other than TorchScript compile the plain kernels (batch invariance then comes from
-    # one-row calls, see ldm.kernels.is_batch_invariant)
-    plain = name not in ("eager", "torchscript")
-    unet_src = with_default_kernels(original.unet) if plain else original.unet
-    unet = compile_unet(unet_src, name, shapes=shapes, **common)
-    first_stage = with_default_kernels(original.first_stage) if plain else original.first_stage
+    if name not in ("eager", "torchscript"):
+        # other compilers get the plain kernels, in place (no second copy of the weights); batch
+        # invariance then comes from one-row calls again (ldm.kernels.is_batch_invariant is false)
+        revert_batch_invariant(original.unet)
+        revert_batch_invariant(original.first_stage)
+    unet = compile_unet(original.unet, name, shapes=shapes, **common)
+    first_stage = original.first_stage
     latent = (1, first_stage.config.embed_dim, h0 // f, w0 // f)
     dec_buckets = buckets if decoder_buckets is None else decoder_buckets
     decoder = compile_decoder(first_stage, name, latent_shape=latent, **(common | {"buckets": dec_buckets}))

@@ -38,7 +38,7 @@ from torch import nn
 from ldm.backends.base import DecoderCall, UNetCall, UNetShapes, unet_input_names
 from ldm.backends.cache import artifact_key, atomic_write, file_identity
 from ldm.backends.compile import example_unet_inputs
-from ldm.kernels import with_default_kernels
+from ldm.kernels import default_kernels
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -121,9 +121,10 @@ def _export(
         kwargs |= {"dynamo": False, "dynamic_axes": axes}
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad(), _four_dim_attention():
+        # ONNX has no mkldnn_convolution: export the plain layers (same weights), then convert back
+        with warnings.catch_warnings(), torch.no_grad(), _four_dim_attention(), default_kernels(module):
             warnings.simplefilter("ignore")
-            torch.onnx.export(with_default_kernels(module).eval(), args, str(tmp), **kwargs)
+            torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
 
     if exporter == "dynamo":
         # large models keep their weights in a side file named after the target: write in place

@@ -4,12 +4,13 @@ from ldm.kernels.batch_invariant import (
     CONV_FORMULATIONS,
     InvariantConv2d,
     InvariantLinear,
+    default_kernels,
     im2col_conv2d,
     invariant_linear,
     is_batch_invariant,
     make_batch_invariant,
     onednn_conv2d,
-    with_default_kernels,
+    revert_batch_invariant,
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "invariant_linear",
     "is_batch_invariant",
     "make_batch_invariant",
+    "default_kernels",
     "onednn_conv2d",
-    "with_default_kernels",
+    "revert_batch_invariant",
 ]

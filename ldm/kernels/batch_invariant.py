@@ -35,7 +35,8 @@ records them as they are); other backends may rewrite them, so
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,8 +50,9 @@ __all__ = [
     "invariant_linear",
     "is_batch_invariant",
     "make_batch_invariant",
+    "default_kernels",
     "onednn_conv2d",
-    "with_default_kernels",
+    "revert_batch_invariant",
 ]
 
 _MARK = "_ldm_batch_invariant"
@@ -193,21 +195,35 @@ def is_batch_invariant(fn: Any) -> bool:
     return bool(getattr(fn, _MARK, False)) if fn is not None else False
 
 
-def with_default_kernels(module: nn.Module) -> nn.Module:
-    """``module`` if it holds no invariant layer, else a deep copy with the plain classes back.
+def revert_batch_invariant(module: nn.Module) -> list[tuple[nn.Module, type, str | None]]:
+    """Put the plain ``nn.Conv2d`` / ``nn.Linear`` classes back in ``module``, in place (no copy).
 
-    For compilers and exporters that cannot take the invariant kernels as they are
-    (ONNX has no ``mkldnn_convolution``; inductor may rewrite them): they get the same
-    weights with ``nn.Conv2d`` / ``nn.Linear``, and the copy is not marked invariant.
+    Returns ``(layer, invariant class, formulation)`` for every layer changed, so that
+    :func:`default_kernels` can convert them again; the mark is dropped.
     """
-    if not any(isinstance(m, (InvariantConv2d, InvariantLinear)) for m in module.modules()):
-        return module
-    plain = copy.deepcopy(module)
-    for m in plain.modules():
+    changed: list[tuple[nn.Module, type, str | None]] = []
+    for m in module.modules():
         m.__dict__.pop(_MARK, None)
         if isinstance(m, InvariantConv2d):
-            m.__dict__.pop("formulation", None)
+            changed.append((m, type(m), m.__dict__.pop("formulation", None)))
             m.__class__ = nn.Conv2d
         elif isinstance(m, InvariantLinear):
+            changed.append((m, type(m), None))
             m.__class__ = nn.Linear
-    return plain
+    return changed
+
+
+@contextmanager
+def default_kernels(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with the plain kernels for the duration (e.g. an ONNX export), then as it was."""
+    marked = bool(module.__dict__.get(_MARK, False))
+    changed = revert_batch_invariant(module)
+    try:
+        yield module
+    finally:
+        for m, cls, formulation in changed:
+            m.__class__ = cls
+            if formulation is not None:
+                m.formulation = formulation
+        if marked:
+            object.__setattr__(module, _MARK, True)
