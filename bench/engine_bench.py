@@ -291,8 +291,9 @@ def summary_markdown(result: dict) -> str:
             ips = {r["impl"]: r["images_per_s"] for r in m["rows"] if r["batch"] == batch}
             ind = ips.get("diffusers / inductor")
 
+            ours = f"{ips[serving]:.2f}" if serving in ips else "-"
             cells = [m["model"], str(batch), f"{ips['diffusers / eager']:.2f}",
-                     f"{ind:.2f}" if ind else "-", f"{ips[serving]:.2f}" if serving in ips else "-", _vs(ips, ind, serving)]  # fmt: skip
+                     f"{ind:.2f}" if ind else "-", ours, _vs(ips, ind, serving)]  # fmt: skip
             cells += [f"{ips[e]:.2f} ({_vs(ips, ind, e)})" if e in ips else "-" for e in extras]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -340,14 +341,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backends", nargs="+", default=["torchscript"],
                         choices=["eager", "torchscript", "inductor"])  # fmt: skip
     parser.add_argument("--diffusers-compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="also diffusers with torch.compile(unet) (the 'diffusers inductor' column)")  # fmt: skip
+                        help="also diffusers with torch.compile(unet): the 'diffusers inductor' column")  # fmt: skip
     parser.add_argument("--compare", nargs="*", default=[], choices=sorted(COMPARE),
-                        help="extra TorchScript runs of ours: 'previous' (one call per row, the engine before "
-                             "ldm.kernels), 'batched' (batch invariance off)")  # fmt: skip
+                        help="extra TorchScript runs of ours: 'previous' (one call per row, the "
+                             "engine before ldm.kernels), 'batched' (batch invariance off)")  # fmt: skip
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="ours: one UNet row per call (default: the pipeline's, on for CPU)")  # fmt: skip
     parser.add_argument("--core-workers", type=int, nargs="+", default=None,
-                        help="ours: one-core threads per pipeline, one run each (default: torch's threads)")  # fmt: skip
+                        help="ours: one-core threads per pipeline, one run each "
+                             "(default: torch's threads)")  # fmt: skip
     parser.add_argument("--omp-passive", action="store_true",
                         help="run under OMP_WAIT_POLICY=PASSIVE, as a CPU worker with core workers does "
                              "(the process restarts itself; diffusers runs under it too)")  # fmt: skip

@@ -106,7 +106,8 @@ def layer_table(pipe: LatentDiffusionPipeline, rows: int, repeats: int, limit: i
             f"{us[k]:.0f}" if k in us else "-" for k in ("rows", "im2col", "oneDNN", "batched", "unfold+bmm")
         )
         lines.append(
-            f"| {call.name.split('.')[0]} {type(call.module).__bases__[0].__name__}({layer}) | {shape} | {cells} |"
+            f"| {call.name.split('.')[0]} {type(call.module).__bases__[0].__name__}({layer}) "
+            f"| {shape} | {cells} |"
         )
     return lines
 
@@ -162,13 +163,15 @@ def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int
         t, c = torch.randint(0, 1000, (n,)), torch.randn(n, ctx_len, ctx_dim)
         ms = {k: v / 1000 for k, v in best_us(unet_candidates(fns, x, t, c), repeats, n).items()}
         lines.append(f"| {n} | {ms['rows']:.2f} | {ms['hybrid']:.2f} ({ms['rows'] / ms['hybrid']:.2f}x) | "
-                     f"{ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) | {ms['batched']:.2f} |")  # fmt: skip
+                     f"{ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) "
+                     f"| {ms['batched']:.2f} |")  # fmt: skip
     if profile_rows:
         x = torch.randn(profile_rows, plain.latent_channels, h, h)
         t, c = torch.randint(0, 1000, (profile_rows,)), torch.randn(profile_rows, ctx_len, ctx_dim)
         for name, fn in unet_candidates(fns, x, t, c).items():
             ops = top_ops(fn, 3, 6)
-            lines.append(f"\nTop ops, {name}, {profile_rows} rows (share of self CPU time, calls per forward): "
+            lines.append(f"\nTop ops, {name}, {profile_rows} rows "
+                         "(share of self CPU time, calls per forward): "
                          + ", ".join(f"`{k}` {share:.0%} ({n})" for k, share, n in ops))  # fmt: skip
     return lines
 
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             label = Path(path).stem
             print(f"\n### {label}: whole UNet, TorchScript, one thread (ms per row)\n")
             print("| rows per call | one call per row (previous) | invariant hybrid, one call (speed-up) | "
-                  "invariant im2col, one call (speed-up) | default kernels, one call (not invariant) |")  # fmt: skip
+                  "invariant im2col, one call (speed-up) | "
+                  "default kernels, one call (not invariant) |")  # fmt: skip
             print("|---:|---:|---:|---:|---:|")
             print(
                 "\n".join(
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                 pipe = load_pipeline(path, core_workers=2)
                 print(f"\n### {label}: layers, {args.rows} rows, one thread (us per row)\n")
                 print(
-                    "| layer | input (one row) | rows | invariant: im2col (linear: bmm) | invariant: oneDNN direct "
+                    "| layer | input (one row) | rows | invariant: im2col (linear: bmm) "
+                    "| invariant: oneDNN direct "
                     "| batched (not invariant) | unfold+bmm |"
                 )
                 print("|---|---|---:|---:|---:|---:|---:|")

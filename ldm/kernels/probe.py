@@ -34,7 +34,7 @@ class LayerCall:
 def record_layer_calls(
     roots: Iterable[nn.Module], run: Callable[[], object], kinds: tuple[type, ...]
 ) -> list[LayerCall]:
-    """Run ``run()``; return the first call of each distinct signature of a ``kinds`` layer under ``roots``."""
+    """Run ``run()``; the first call of each distinct signature of a ``kinds`` layer under ``roots``."""
     calls: dict[tuple, LayerCall] = {}
     handles = []
 

@@ -34,8 +34,8 @@ from ldm.random_model import write_random_model
 from ldm_serve.models import bundled_model_path
 
 SIZE = 32
-KINDS = (InvariantConv2d, InvariantLinear, CrossAttention, AttentionBlock, AttnBlock, nn.GroupNorm, nn.LayerNorm,
-         nn.MultiheadAttention)  # fmt: skip
+KINDS = (InvariantConv2d, InvariantLinear, CrossAttention, AttentionBlock, AttnBlock,
+         nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)  # fmt: skip
 MAX_ROWS = 8
 
 
@@ -98,7 +98,8 @@ def test_every_layer_shape_gives_each_row_its_value_alone(tiny_path: Path, which
         "UNetModel",
         type(pipe.model.cond_stage).__name__,
     } <= roots  # linears of the UNet and text encoder
-    assert any(c.name.startswith(type(pipe.model.first_stage).__name__) and isinstance(c.module, InvariantConv2d)
+    decoder = type(pipe.model.first_stage).__name__
+    assert any(c.name.startswith(decoder) and isinstance(c.module, InvariantConv2d)
                for c in calls)  # fmt: skip
     plain = [c for c in calls if not isinstance(c.module, (nn.Conv2d, nn.Linear))]
     assert plain, "no attention / normalization calls recorded"
