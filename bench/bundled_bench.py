@@ -69,9 +69,7 @@ def _compile(pipe: LatentDiffusionPipeline) -> None:
     fs.decode = torch.compile(fs.decode, dynamic=False)  # type: ignore[method-assign]
 
 
-def run_mode(
-    model: Path, mode: str, batch: int, steps: int, guidance: float, repeats: int
-) -> dict[str, object]:
+def run_mode(model: Path, mode: str, batch: int, steps: int, guidance: float, repeats: int) -> dict[str, object]:
     """Time ``repeats`` generate() calls (after a warm-up call) in one mode."""
     backend, invariant, pooled = MODES[mode]
     workers = torch.get_num_threads() if pooled else 1

@@ -216,9 +216,8 @@ def bench_model(label: str, checkpoint: Path, args: argparse.Namespace, cache_di
             pipes[impl_name(backend, workers)] = pipe
     workers = max(args.core_workers)
     for extra in args.compare:
-        if (
-            extra == "previous"
-        ):  # one UNet / decoder / text-encoder call per row on the pool (before ldm.kernels)
+        # "previous": one UNet / decoder / text-encoder call per row on the pool (before ldm.kernels)
+        if extra == "previous":
             pipe = load_pipeline(checkpoint, batch_invariant=True, core_workers=1)
             pipe.core_pool = shared_core_pool(workers) if workers > 1 else None
         else:  # "batched": batch invariance off, one call per shard

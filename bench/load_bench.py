@@ -94,11 +94,8 @@ class Client:
 
     def one(self, i: int) -> Sample:
         t0 = time.perf_counter()
-        r = self.http.post(
-            "/v1/txt2img",
-            json={**self.body, "prompt": f"load bench {i}", "seed": i},
-            headers={"Prefer": "wait=60"},
-        )
+        r = self.http.post("/v1/txt2img", json={**self.body, "prompt": f"load bench {i}", "seed": i},
+                           headers={"Prefer": "wait=60"})
         r.raise_for_status()
         job = r.json()
         while job["status"] not in TERMINAL:
@@ -108,10 +105,7 @@ class Client:
             raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
         self.http.get(job["images"][0]["url"]).raise_for_status()
         e2e = time.perf_counter() - t0
-        started, finished = (
-            datetime.fromisoformat(job["started_at"]),
-            datetime.fromisoformat(job["finished_at"]),
-        )
+        started, finished = datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"])
         created = datetime.fromisoformat(job["created_at"])
         return Sample(e2e, (finished - started).total_seconds(), (started - created).total_seconds())
 
@@ -119,9 +113,7 @@ class Client:
         self.http.close()
 
 
-def open_loop(
-    client: Client, rate: float, duration_s: float, seed: int, first_id: int
-) -> tuple[list[Sample], int]:
+def open_loop(client: Client, rate: float, duration_s: float, seed: int, first_id: int) -> tuple[list[Sample], int]:
     """Poisson arrivals at ``rate`` per second for ``duration_s``; waits for every request to end."""
     rng = random.Random(seed)
     arrivals, t = [], rng.expovariate(rate)
@@ -154,40 +146,24 @@ def open_loop(
 
 
 def bench_mode(mode: str, args: argparse.Namespace, model: Path, redis_url: str, logs: Path) -> ModeResult:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        LDM_REDIS_URL=redis_url,
-        LDM_REDIS_PREFIX=f"loadbench-{mode}",
-        LDM_BATCHING=mode,
-        LDM_MAX_BATCH_ROWS=str(args.max_batch_rows),
-        LDM_BATCH_WINDOW_MS=str(args.batch_window_ms),
-        LDM_MAX_QUEUE_DEPTH="100000",
-        LDM_REDIS_SOCKET_TIMEOUT_S="60",
-        LDM_MAX_IMAGES="1",
-        LDM_MAX_STEPS=str(max(150, args.steps)),
-        LDM_BACKEND=args.backend,
-    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LDM_REDIS_URL=redis_url, LDM_REDIS_PREFIX=f"loadbench-{mode}",
+               LDM_BATCHING=mode, LDM_MAX_BATCH_ROWS=str(args.max_batch_rows),
+               LDM_BATCH_WINDOW_MS=str(args.batch_window_ms), LDM_MAX_QUEUE_DEPTH="100000",
+               LDM_REDIS_SOCKET_TIMEOUT_S="60", LDM_MAX_IMAGES="1", LDM_MAX_STEPS=str(max(150, args.steps)),
+               LDM_BACKEND=args.backend)
     env.pop("REDIS_URL", None)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    worker = start(
-        ["worker", "--model", str(model), "--device", args.device], env, logs / f"worker-{mode}.log"
-    )
+    worker = start(["worker", "--model", str(model), "--device", args.device], env, logs / f"worker-{mode}.log")
     gateway = start(["gateway", "--port", str(port)], env, logs / f"gateway-{mode}.log")
     result = ModeResult(mode)
     try:
         wait(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 600, f"the {mode} service")
         size = args.size or httpx.get(f"{url}/v1/models").json()["data"][0]["default_size"] or 64
-        body = {
-            "width": size,
-            "height": size,
-            "steps": args.steps,
-            "guidance_scale": args.guidance,
-            "output_format": args.output_format,
-        }
+        body = {"width": size, "height": size, "steps": args.steps, "guidance_scale": args.guidance,
+                "output_format": args.output_format}
         client = Client(url, body)
         try:
             client.one(10**6)  # warm-up
@@ -197,11 +173,9 @@ def bench_mode(mode: str, args: argparse.Namespace, model: Path, redis_url: str,
                 list(pool.map(client.one, range(2 * 10**6, 2 * 10**6 + args.burst)))
             result.capacity_jobs_s = args.burst / (time.perf_counter() - t0)
             result.rate_jobs_s = args.rate or args.load * result.capacity_jobs_s
-            print(
-                f"[{mode}] unloaded p50 {pct([s.e2e_s for s in result.unloaded], 0.5):.3f}s, capacity "
-                f"{result.capacity_jobs_s:.2f} jobs/s; load {result.rate_jobs_s:.2f} jobs/s for {args.duration}s",
-                file=sys.stderr,
-            )
+            print(f"[{mode}] unloaded p50 {pct([s.e2e_s for s in result.unloaded], 0.5):.3f}s, capacity "
+                  f"{result.capacity_jobs_s:.2f} jobs/s; load {result.rate_jobs_s:.2f} jobs/s for {args.duration}s",
+                  file=sys.stderr)
             t0 = time.perf_counter()
             result.loaded, result.failed = open_loop(client, result.rate_jobs_s, args.duration, args.seed, 0)
             result.wall_s = time.perf_counter() - t0
@@ -227,9 +201,8 @@ def report(args: argparse.Namespace, results: list[ModeResult], model: Path) -> 
     ]
     for r in results:
         if not r.loaded:
-            lines.append(
-                f"| {r.mode} | {r.capacity_jobs_s:.2f} | {r.rate_jobs_s:.2f} | 0 | {r.failed} |" + " - |" * 7
-            )
+            lines.append(f"| {r.mode} | {r.capacity_jobs_s:.2f} | {r.rate_jobs_s:.2f} | 0 | {r.failed} |"
+                         + " - |" * 7)
             continue
         base = pct([s.e2e_s for s in r.unloaded], 0.5) if r.unloaded else float("nan")
         share = [s.overhead_share for s in r.loaded]
@@ -240,9 +213,7 @@ def report(args: argparse.Namespace, results: list[ModeResult], model: Path) -> 
             f"{pct(e2e, 0.99):.3f} | {pct(e2e, 0.5) / base:.2f}x | {pct(e2e, 0.99) / base:.2f}x | "
             f"{pct([s.queue_s for s in r.loaded], 0.5):.3f} |"
         )
-    rate_text = (
-        f"{args.rate:.2f} jobs/s" if args.rate else f"{args.load:.0%} of each mode's measured capacity"
-    )
+    rate_text = f"{args.rate:.2f} jobs/s" if args.rate else f"{args.load:.0%} of each mode's measured capacity"
     lines += [
         "",
         "Overhead share = (E2E - compute) / E2E per request, compute = the job's run time on the worker "

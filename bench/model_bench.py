@@ -40,13 +40,9 @@ SD15_UNET = UNetConfig(
     transformer_depth=1,
     context_dim=768,
 )
-SD15_VAE = AutoencoderConfig(
-    kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2
-)
+SD15_VAE = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2)
 
-TINY_VAE = AutoencoderConfig(
-    kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1
-)
+TINY_VAE = AutoencoderConfig(kind="kl", embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 PRESETS = {
     "sd15": (SD15_UNET, SD15_VAE, 256, 2),
@@ -167,10 +163,7 @@ def run(preset: str, warmup: int, repeats: int, threads: int | None) -> dict:
         vae_err = ((a - b).abs().max() / b.abs().max()).item()
 
     unet_ms = interleaved(
-        {
-            "ours": lambda: ours_unet(x, t, ctx),
-            "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=ctx),
-        },
+        {"ours": lambda: ours_unet(x, t, ctx), "diffusers": lambda: ref_unet(x, t, encoder_hidden_states=ctx)},
         warmup,
         repeats,
     )
@@ -199,9 +192,7 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for tm in result["timings"]:
-        lines.append(
-            f"| {tm['part']} | {tm['ours_ms']:.1f} | {tm['diffusers_ms']:.1f} | {tm['ratio']:.2f}x |"
-        )
+        lines.append(f"| {tm['part']} | {tm['ours_ms']:.1f} | {tm['diffusers_ms']:.1f} | {tm['ratio']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -101,13 +101,8 @@ def bench_in_process(args: argparse.Namespace, model: Path) -> list[Result]:
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "launcher", *cmd],
-        env=env,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    return subprocess.Popen([sys.executable, "-m", "launcher", *cmd], env=env, cwd=ROOT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def wait(pred: callable, timeout_s: float, what: str) -> None:
@@ -122,22 +117,11 @@ def wait(pred: callable, timeout_s: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def bench_service(
-    args: argparse.Namespace, model: Path, redis_url: str, logs: Path
-) -> tuple[list[Result], float]:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        LDM_REDIS_URL=redis_url,
-        LDM_REDIS_PREFIX="bench",
-        LDM_MAX_BATCH_ROWS=str(args.max_batch_rows),
-        LDM_BATCH_WINDOW_MS=str(args.batch_window_ms),
-        LDM_MAX_QUEUE_DEPTH="100000",
-        LDM_REDIS_SOCKET_TIMEOUT_S="60",
-        LDM_MAX_WIDTH="2048",
-        LDM_MAX_HEIGHT="2048",
-        LDM_MAX_IMAGES=str(min(4, args.max_batch_rows)),
-    )
+def bench_service(args: argparse.Namespace, model: Path, redis_url: str, logs: Path) -> tuple[list[Result], float]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LDM_REDIS_URL=redis_url, LDM_REDIS_PREFIX="bench",
+               LDM_MAX_BATCH_ROWS=str(args.max_batch_rows), LDM_BATCH_WINDOW_MS=str(args.batch_window_ms),
+               LDM_MAX_QUEUE_DEPTH="100000", LDM_REDIS_SOCKET_TIMEOUT_S="60", LDM_MAX_WIDTH="2048", LDM_MAX_HEIGHT="2048",
+               LDM_MAX_IMAGES=str(min(4, args.max_batch_rows)))
     if args.batch_invariant is not None:
         env["LDM_BATCH_INVARIANT"] = str(args.batch_invariant).lower()
     env.pop("REDIS_URL", None)
@@ -151,11 +135,7 @@ def bench_service(
     submit_gw = start(["gateway", "--port", str(sub_port)], sub_env, logs / "submit-gateway.log")
     try:
         wait(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 300, "the service")
-        wait(
-            lambda: httpx.get(f"http://127.0.0.1:{sub_port}/healthz", timeout=2).status_code == 200,
-            60,
-            "gateway 2",
-        )
+        wait(lambda: httpx.get(f"http://127.0.0.1:{sub_port}/healthz", timeout=2).status_code == 200, 60, "gateway 2")
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         with httpx.Client(base_url=url, timeout=120, limits=limits) as c:
             body = {"width": args.size, "height": args.size, "steps": args.steps}
@@ -165,16 +145,13 @@ def bench_service(
 
             def one(i: int) -> None:
                 t0 = time.perf_counter()
-                r = c.post(
-                    "/v1/txt2img",
-                    json={**body, "prompt": f"bench {i}", "seed": i},
-                    headers={"Prefer": "wait=60"},
-                )
+                r = c.post("/v1/txt2img", json={**body, "prompt": f"bench {i}", "seed": i},
+                           headers={"Prefer": "wait=60"})
                 job = r.json()
                 if r.status_code != 200 or job["status"] != "succeeded":
                     raise RuntimeError(f"job did not finish in time: HTTP {r.status_code} {job}")
                 c.get(job["images"][0]["url"]).raise_for_status()
-                run_s = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+                run_s = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"]))
                 overheads.append(time.perf_counter() - t0 - run_s.total_seconds())
 
             results = []
@@ -201,18 +178,15 @@ def bench_service(
                 p.kill()
 
 
-def report(
-    args: argparse.Namespace, inproc: list[Result], service: list[Result], submit_rate: float, model: Path
-) -> str:
+def report(args: argparse.Namespace, inproc: list[Result], service: list[Result], submit_rate: float,
+           model: Path) -> str:
     lines = [
         "| mode | concurrency | requests | images/s | p50 latency (s) | p99 latency (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in [*inproc, *service]:
-        lines.append(
-            f"| {r.mode} | {r.concurrency} | {r.requests} | {r.images_per_s:.2f} | {r.pct(0.5):.3f} | "
-            f"{r.pct(0.99):.3f} |"
-        )
+        lines.append(f"| {r.mode} | {r.concurrency} | {r.requests} | {r.images_per_s:.2f} | {r.pct(0.5):.3f} | "
+                     f"{r.pct(0.99):.3f} |")
     by_c = {r.concurrency: r for r in service}
     base = {r.concurrency: r for r in inproc}
     c1 = min(by_c)
@@ -252,12 +226,8 @@ def main() -> int:
     ap.add_argument("--max-batch-rows", type=int, default=16)
     ap.add_argument("--batch-window-ms", type=int, default=20)
     ap.add_argument("--submit-jobs", type=int, default=400)
-    ap.add_argument(
-        "--batch-invariant",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force the pipeline's row-serial UNet on/off (default: the pipeline's choice, on for CPU)",
-    )
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                    help="force the pipeline's row-serial UNet on/off (default: the pipeline's choice, on for CPU)")
     ap.add_argument("--out", type=Path, help="write the Markdown report here")
     args = ap.parse_args()
 
