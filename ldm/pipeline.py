@@ -42,6 +42,7 @@ from ldm.config import ClassEmbedderConfig, ModelConfig
 from ldm.denoiser import GuidedDenoiser, UNetCallable
 from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
 from ldm.execution.padding import PaddedUNet
+from ldm.kernels import is_batch_invariant, make_batch_invariant
 from ldm.loading.loader import LoadedModel, load_model
 from ldm.noise_schedule import TimestepSpacing, ddim_step_count, ddim_timesteps, img2img_timesteps
 from ldm.sampling import MaskBlend, StepState, latent_keep_mask, sample_ddim
@@ -122,10 +123,12 @@ class LatentDiffusionPipeline:
         name: model id reported to clients.
         timestep_spacing: DDIM discretization; ``"uniform"`` is the original LDM one.
         untrained: True for random-weight models (the service says so loudly).
-        batch_invariant: run the UNet one row at a time so that a row's image is
-            bit-identical alone or batched (``None``: on for CPU, where oneDNN/MKL
-            round differently per batch size; off for CUDA until batch-invariant
-            kernels land there).
+        batch_invariant: a row's image is bit-identical alone or batched (``None``: on
+            for CPU, where oneDNN/MKL round differently per batch size; off for CUDA
+            until batch-invariant kernels land there). With core workers the UNet, text
+            encoder and decoder are converted to batch-invariant kernels
+            (:mod:`ldm.kernels.batch_invariant`) and each worker runs its shard of rows
+            as one call; without them every row is its own call.
         core_workers: CPU only: run the UNet, text encoder and decoder on this many
             threads of one core each, over rows (batch-invariant) or shards of the
             batch (see :mod:`ldm.execution.core_pool`); ``None``: torch's thread count;
@@ -171,6 +174,12 @@ class LatentDiffusionPipeline:
             raise ConfigError(f"core_workers must be >= 1, got {workers}")
         use_pool = workers > 1 and self.device.type == "cpu"
         self.core_pool: CorePool | None = shared_core_pool(workers) if use_pool else None
+        if self.batch_invariant and self.core_pool is not None:
+            # each one-core worker runs its shard of rows as one call of batch-invariant kernels
+            # (ldm.kernels.batch_invariant) instead of one call per row; without a pool rows stay separate
+            for part in (model.unet, model.first_stage, model.cond_stage):
+                if isinstance(part, torch.nn.Module):
+                    make_batch_invariant(part)
 
     # ------------------------------------------------------------------ validation
 
@@ -346,8 +355,10 @@ class LatentDiffusionPipeline:
         return self._batched(self.model.cond_stage, ids).to(self.dtype)  # [N, L, D]
 
     def _batched(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``fn(x)`` over rows: per row when ``batch_invariant``, on the core pool when there is one."""
-        return run_split(lambda s: fn(x[s]), x.shape[0], self.core_pool, per_row=self.batch_invariant)
+        """``fn(x)`` over rows: per row when ``batch_invariant`` (unless ``fn`` runs batch-invariant
+        kernels), on the core pool when there is one."""
+        per_row = self.batch_invariant and not is_batch_invariant(fn)
+        return run_split(lambda s: fn(x[s]), x.shape[0], self.core_pool, per_row=per_row)
 
     def _timesteps(self, steps: int) -> torch.Tensor:
         return ddim_timesteps(steps, self.config.timesteps, self.timestep_spacing)
@@ -478,10 +489,12 @@ class LatentDiffusionPipeline:
         )
 
     def sampling_unet(self) -> UNetCallable:
-        """The UNet as the sampler calls it: per row when ``batch_invariant``, sharded over the core pool."""
-        if self.core_pool is None and not self.batch_invariant:
+        """The UNet as the sampler calls it, sharded over the core pool: one call per row when
+        ``batch_invariant`` unless the UNet runs batch-invariant kernels (then one call per shard)."""
+        per_row = self.batch_invariant and not is_batch_invariant(self.model.unet)
+        if self.core_pool is None and not per_row:
             return self.model.unet
-        return ShardedUNet(self.model.unet, self.core_pool, per_row=self.batch_invariant)
+        return ShardedUNet(self.model.unet, self.core_pool, per_row=per_row)
 
     def make_denoiser(
         self,

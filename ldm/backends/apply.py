@@ -36,6 +36,7 @@ from ldm.backends.base import (
 )
 from ldm.backends.cache import file_identity
 from ldm.backends.compile import DEFAULT_BUCKETS, compile_decoder, compile_unet, example_unet_inputs
+from ldm.kernels import revert_batch_invariant
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -151,6 +152,11 @@ def apply_backend(
         "inductor_mode": inductor_mode,
     }
     shapes = UNetShapes(batch=1, height=h0 // f, width=w0 // f, context_len=_context_len(pipeline))
+    if name not in ("eager", "torchscript"):
+        # other compilers get the plain kernels, in place (no second copy of the weights); batch
+        # invariance then comes from one-row calls again (ldm.kernels.is_batch_invariant is false)
+        revert_batch_invariant(original.unet)
+        revert_batch_invariant(original.first_stage)
     unet = compile_unet(original.unet, name, shapes=shapes, **common)
     first_stage = original.first_stage
     latent = (1, first_stage.config.embed_dim, h0 // f, w0 // f)

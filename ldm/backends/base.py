@@ -257,9 +257,11 @@ class CompiledDecoder:
         dtype: torch.dtype,
         artifacts: list[Artifact] | None = None,
         channels_last: bool = False,
+        source: object = None,
     ) -> None:
         self._run = run
         self.backend = backend
+        self.source = source  # the first stage it was compiled from
         self.dtype = dtype
         self.artifacts = list(artifacts or [])
         self.channels_last = channels_last

@@ -252,4 +252,4 @@ def compile_decoder(
         weights_id=weights_id, buckets=check_buckets(buckets), counter=counter, cuda_graphs=graphs,
         inductor_mode=inductor_mode, key_shapes=(shape, cl), key_module=first_stage,
     )  # fmt: skip
-    return CompiledDecoder(fn, backend=name, dtype=dt, artifacts=[art], channels_last=cl)
+    return CompiledDecoder(fn, backend=name, dtype=dt, artifacts=[art], channels_last=cl, source=first_stage)

@@ -38,6 +38,7 @@ from torch import nn
 from ldm.backends.base import DecoderCall, UNetCall, UNetShapes, unet_input_names
 from ldm.backends.cache import artifact_key, atomic_write, file_identity
 from ldm.backends.compile import example_unet_inputs
+from ldm.kernels import default_kernels
 from ldm_serve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -120,7 +121,8 @@ def _export(
         kwargs |= {"dynamo": False, "dynamic_axes": axes}
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings(), torch.no_grad(), _four_dim_attention():
+        # ONNX has no mkldnn_convolution: export the plain layers (same weights), then convert back
+        with warnings.catch_warnings(), torch.no_grad(), _four_dim_attention(), default_kernels(module):
             warnings.simplefilter("ignore")
             torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
 

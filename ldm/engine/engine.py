@@ -16,7 +16,7 @@ at different steps of different schedules share one UNet forward. Each
    when the model is batch-invariant) and returns their images;
 4. drops groups that finished, failed or were canceled, freeing their budget.
 
-With a batch-invariant model (the default on CPU: one UNet row per call) a row's
+With a batch-invariant model (the default on CPU: batch-invariant kernels, :mod:`ldm.kernels`) a row's
 image is bit-identical to the same row sent alone through
 ``LatentDiffusionPipeline.generate``, whichever rows join and leave around it.
 
@@ -152,7 +152,7 @@ class ContinuousBatchEngine:
     Args:
         model: the model (see :class:`EngineModel`), e.g. a ``LatentDiffusionPipeline``.
         config: the admission policy's budgets and knobs. Buckets are ignored (with a warning)
-            for a batch-invariant model, whose UNet runs one row per call anyway.
+            for a batch-invariant model, whose UNet calls follow the core workers' shards or rows.
         unet_row_bytes: ``(width, height) -> bytes`` one UNet row needs, for the memory
             budget (see :func:`estimate_unet_row_bytes`); ``None`` counts 0 bytes.
         clock: monotonic seconds, passed to the admission policy and used for timings.
@@ -167,7 +167,7 @@ class ContinuousBatchEngine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if model.batch_invariant and config.buckets:
-            log.warning("batch-invariant model: the UNet runs one row per call, so buckets %s are ignored",
+            log.warning("batch-invariant model: UNet calls follow core-worker shards or rows; buckets %s ignored",
                         config.buckets)
             config = replace(config, buckets=())
         self.model = model

@@ -18,7 +18,9 @@ Two ways to split (:func:`run_split`, :class:`ShardedUNet`):
   keeps the CPU's batch invariance. Without a pool the rows run one after another
   in the calling thread, with the same guarantee.
 * ``per_row=False``: ``workers`` contiguous shards of near-equal size, for callers
-  that batch freely (without a pool: one call).
+  that batch freely (without a pool: one call), or whose model runs batch-invariant
+  kernels (:mod:`ldm.kernels.batch_invariant`: a row's numbers then do not depend on
+  its shard-mates, so shards keep the invariance at a fraction of the per-row cost).
 
 The pool's threads set their intra-op thread count to 1 when they start; the
 calling thread's setting is untouched (OpenMP keeps it per thread).

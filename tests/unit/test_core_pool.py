@@ -107,7 +107,7 @@ def test_pipeline_core_workers_setting(model_path) -> None:
     two = load_pipeline(model_path, core_workers=2)
     assert two.core_pool is not None and two.core_pool.workers == 2
     assert load_pipeline(model_path, core_workers=2).core_pool is two.core_pool is shared_core_pool(2)
-    assert isinstance(two.sampling_unet(), ShardedUNet) and two.sampling_unet().per_row
+    assert isinstance(two.sampling_unet(), ShardedUNet) and not two.sampling_unet().per_row  # invariant kernels
     assert not load_pipeline(model_path, core_workers=2, batch_invariant=False).sampling_unet().per_row
     with pytest.raises(ConfigError, match="core_workers"):
         load_pipeline(model_path, core_workers=0)

@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("networks", ("ldm.unet", "ldm.autoencoder", "ldm.encoders", "ldm.denoiser")),
     ("sampling", ("ldm.sampling",)),
     ("execution", ("ldm.execution",)),
+    ("kernels", ("ldm.kernels",)),
     ("loading", ("ldm.loading",)),
     ("tiny", ("ldm.tiny", "ldm.random_model")),
     ("pipeline", ("ldm.pipeline",)),
@@ -39,13 +40,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "sampling": frozenset({"base", "networks"}),
     # how a call runs (core pool, padding), independent of what it computes
     "execution": frozenset({"base", "networks"}),
+    # how an operator computes (batch-invariant kernels): torch only
+    "kernels": frozenset(),
     # files -> modules: never sampling, execution, the pipeline or the engine
     "loading": frozenset({"base", "networks"}),
     "tiny": frozenset({"base", "networks", "loading"}),
-    "pipeline": frozenset({"base", "networks", "sampling", "execution", "loading"}),
+    "pipeline": frozenset({"base", "networks", "sampling", "execution", "kernels", "loading"}),
     # admission + the step loop; it drives any model with prepare_row, never imports the pipeline
     "engine": frozenset({"base", "networks", "sampling", "execution"}),
-    "backends": frozenset({"base", "networks", "sampling", "execution", "loading", "pipeline"}),
+    "backends": frozenset({"base", "networks", "sampling", "execution", "kernels", "loading", "pipeline"}),
     "training": frozenset({"base", "networks", "sampling", "loading", "tiny", "pipeline"}),
     "facade": frozenset({"pipeline"}),
 }
