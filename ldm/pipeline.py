@@ -706,6 +706,20 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ conveniences
 
+    def _seeded_rows(
+        self,
+        num_images: int,
+        seeds: Sequence[int] | int | None,
+        width: int,
+        height: int,
+        on_step: StepHook | None,
+        row: Callable[[int], GenerationRow],
+    ) -> GenerationResult:
+        """The conveniences' body: ``row(seed)`` for each of ``num_images`` seeds, in one :meth:`generate`."""
+        used = self._seeds(num_images, seeds)
+        images = self.generate([row(s) for s in used], width, height, on_step=on_step)
+        return GenerationResult([im for im in images if im is not None], used)
+
     def _seeds(self, num_images: int, seeds: Sequence[int] | int | None) -> list[int]:
         if num_images < 1:
             raise InvalidInput("num_images", f"must be at least 1, got {num_images}")
@@ -738,12 +752,10 @@ class LatentDiffusionPipeline:
         (an int seed gives ``seed + i``; none gives random seeds, returned)."""
         width = width or self.default_size
         height = height or self.default_size
-        used = self._seeds(num_images, seeds)
-        rows = [
-            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta) for s in used
-        ]
-        images = self.generate(rows, width, height, on_step=on_step)
-        return GenerationResult([im for im in images if im is not None], used)
+        return self._seeded_rows(
+            num_images, seeds, width, height, on_step,
+            lambda s: GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta),
+        )
 
     def img2img(
         self,
@@ -766,13 +778,12 @@ class LatentDiffusionPipeline:
         whole schedule, the image surviving only as a faint start).
         """
         width, height = image.size
-        used = self._seeds(num_images, seeds)
-        rows = [
-            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, strength=strength)
-            for s in used
-        ]
-        images = self.generate(rows, width, height, on_step=on_step)
-        return GenerationResult([im for im in images if im is not None], used)
+        return self._seeded_rows(
+            num_images, seeds, width, height, on_step,
+            lambda s: GenerationRow(
+                prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, strength=strength
+            ),
+        )
 
     def inpaint(
         self,
@@ -795,13 +806,10 @@ class LatentDiffusionPipeline:
         the known region at every DDIM step. Known pixels are pasted back at the end.
         """
         width, height = image.size
-        used = self._seeds(num_images, seeds)
-        rows = [
-            GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, mask=mask)
-            for s in used
-        ]
-        images = self.generate(rows, width, height, on_step=on_step)
-        return GenerationResult([im for im in images if im is not None], used)
+        return self._seeded_rows(
+            num_images, seeds, width, height, on_step,
+            lambda s: GenerationRow(prompt, s, negative_prompt, steps, guidance_scale, eta, image=image, mask=mask),
+        )
 
 
 def _read_metadata(path: Path) -> dict[str, object]:
