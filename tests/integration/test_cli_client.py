@@ -207,3 +207,29 @@ def test_the_key_comes_from_api_key_or_the_environment_else_401(queued_only: Ser
     assert given.returncode == 0 and json.loads(given.stdout)["object"] == "list"
     wrong = run_client(["jobs", "--api-key", "not-the-key"], keyed_env(queued_only))  # the option wins
     assert wrong.returncode == 2 and "not valid" in wrong.stderr
+
+
+def test_ctrl_c_on_a_running_job_cancels_it_on_the_server(service: Service) -> None:
+    # Four 128 px images (the tiny model's largest) at the test server's 60-step limit: seconds of work, so
+    # the SIGINT that follows the first drawn step lands while the job runs. A job can still outrun its
+    # cancel on a fast machine, hence a few attempts; each one must exit 130 and end the job.
+    env = {**os.environ, "LDM_URL": service.url}
+    args = ["txt2img", "--prompt", "cli interrupt running", "--n", "4", "--steps", "60", "--guidance-scale", "3",
+            "--width", "128", "--height", "128", "--progress", "always", "--cancel-on-interrupt"]
+    with httpx.Client(base_url=service.url, timeout=30) as c:
+        for _attempt in range(3):
+            client = LiveClient(args, env)
+            wait_until(lambda cl=client: re.search(r"step [1-9][0-9]*/", cl.stderr()) or cl.proc.poll() is not None,
+                       120, "the client to draw a step of the running job")
+            assert client.proc.poll() is None, client.stderr()
+            job_id = client.stdout().split()[1]
+            client.proc.send_signal(signal.SIGINT)
+            assert client.finish() == 130, client.stderr()
+            status = wait_until(lambda j=job_id: (s := c.get(f"/v1/jobs/{j}").json()["status"]) in (
+                "canceled", "succeeded") and s, 60, f"job {job_id} to end")
+            if status == "canceled":
+                # the client asked while the job ran (the worker drops it at its next step)
+                assert f"job {job_id}: cancel requested (status running)" in client.stderr()
+                break
+        else:
+            pytest.fail("three running jobs all finished before the client's cancel arrived")
