@@ -209,13 +209,14 @@ def test_the_key_comes_from_api_key_or_the_environment_else_401(queued_only: Ser
     assert wrong.returncode == 2 and "not valid" in wrong.stderr
 
 
-def test_ctrl_c_on_a_running_job_cancels_it_on_the_server(service: Service) -> None:
+def test_ctrl_c_on_a_running_job_cancels_it_on_the_server(service: Service, tmp_path: Path) -> None:
     # Four 128 px images (the tiny model's largest) at the test server's 60-step limit: seconds of work, so
     # the SIGINT that follows the first drawn step lands while the job runs. A job can still outrun its
     # cancel on a fast machine, hence a few attempts; each one must exit 130 and end the job.
     env = {**os.environ, "LDM_URL": service.url}
     args = ["txt2img", "--prompt", "cli interrupt running", "--n", "4", "--steps", "60", "--guidance-scale", "3",
-            "--width", "128", "--height", "128", "--progress", "always", "--cancel-on-interrupt"]
+            "--width", "128", "--height", "128", "--progress", "always", "--cancel-on-interrupt",
+            "--out-dir", str(tmp_path)]  # a job that outruns its cancel writes its images there
     with httpx.Client(base_url=service.url, timeout=30) as c:
         for _attempt in range(3):
             client = LiveClient(args, env)
