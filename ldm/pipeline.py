@@ -40,7 +40,14 @@ from PIL import Image
 from ldm.autoencoder import AutoencoderKL
 from ldm.config import ClassEmbedderConfig, ModelConfig
 from ldm.denoiser import GuidedDenoiser, UNetCallable
-from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, run_split, shared_core_pool
+from ldm.execution.core_pool import (
+    CorePool,
+    ShardedUNet,
+    coordinating,
+    default_core_workers,
+    run_split,
+    shared_core_pool,
+)
 from ldm.execution.padding import PaddedUNet
 from ldm.kernels import is_batch_invariant, make_batch_invariant
 from ldm.loading.loader import LoadedModel, load_model
@@ -585,6 +592,19 @@ class LatentDiffusionPipeline:
         """
         if not rows:
             return torch.empty(0), set()
+        with coordinating(self.core_pool):  # this thread only drives the core workers meanwhile
+            return self._sample_rows(rows, width, height, on_step, on_finished, validate)
+
+    def _sample_rows(
+        self,
+        rows: Sequence[GenerationRow],
+        width: int,
+        height: int,
+        on_step: StepHook | None,
+        on_finished: Callable[[list[int], torch.Tensor], None] | None,
+        validate: bool,
+    ) -> tuple[torch.Tensor, set[int]]:
+        """The body of :meth:`generate_latents` (non-empty ``rows``)."""
         if validate:
             for row in rows:
                 self.validate_row(row, width, height)

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ldm.execution.core_pool import CorePool, coordinating
 from ldm.engine.admission import Admission, AdmissionConfig, AdmissionPolicy, Plan
 from ldm.sampling.ddim import BlendRows, DenoiseFn, ddim_iteration, gather_coefficients
 from ldm.sampling.rows import PreparedRow
@@ -59,6 +60,7 @@ class EngineModel(Protocol):
 
     device: torch.device
     batch_invariant: bool
+    core_pool: CorePool | None  # the one-core threads the model's calls run on, if any
 
     def validate_row(self, row: Any, width: int, height: int) -> None: ...
 
@@ -252,6 +254,10 @@ class ContinuousBatchEngine:
         """Admit, denoise every running row by one step, decode finished rows (see the module docstring)."""
         if not self._groups:
             return EngineStep()
+        with coordinating(self.model.core_pool):  # this thread drives the core workers
+            return self._step()
+
+    def _step(self) -> EngineStep:
         plan = self.admission.schedule()
         failed: list[tuple[str, BaseException]] = []
 

@@ -22,22 +22,27 @@ Two ways to split (:func:`run_split`, :class:`ShardedUNet`):
   kernels (:mod:`ldm.kernels.batch_invariant`: a row's numbers then do not depend on
   its shard-mates, so shards keep the invariance at a fraction of the per-row cost).
 
-The pool's threads set their intra-op thread count to 1 when they start; the
-calling thread's setting is untouched (OpenMP keeps it per thread).
+The pool's threads set their intra-op thread count to 1 when they start. The
+thread that drives them keeps its own setting (OpenMP keeps it per thread), except
+inside :func:`coordinating`, which a sampling loop holds while it hands work to the
+pool: under OpenMP's default wait policy the driving thread's OpenMP team keeps
+spinning after each of its own small parallel regions and takes the cores the pool
+computes on (measured: bundled model, batch 4, 4.4 -> 6.9 images/s).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
 
 from ldm.denoiser import UNetCallable
 
-__all__ = ["CorePool", "ShardedUNet", "default_core_workers", "run_split", "shared_core_pool"]
+__all__ = ["CorePool", "ShardedUNet", "coordinating", "default_core_workers", "run_split", "shared_core_pool"]
 
 T = TypeVar("T")
 
@@ -65,12 +70,25 @@ class CorePool:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ldm-core", initializer=_one_thread)
 
     def map(self, fn: Callable[[T], torch.Tensor], items: Sequence[T]) -> list[torch.Tensor]:
-        """``[fn(item) for item in items]``, computed on the pool's threads, in order."""
+        """``[fn(item) for item in items]``, computed on the pool's threads, in order.
+
+        A caller with one intra-op thread (inside :func:`coordinating`) computes the
+        first item itself, on the same kernels and thread count as the pool's threads.
+        """
 
         def task(item: T) -> torch.Tensor:
             with torch.no_grad():
                 return fn(item)
 
+        if len(items) > 1 and torch.get_num_threads() == 1:
+            # a one-thread caller (see coordinating) computes the first item itself: one
+            # hand-off fewer per call, and its core does not sit idle while it waits
+            rest = [self._executor.submit(task, item) for item in items[1:]]
+            try:
+                first = task(items[0])
+            finally:
+                wait(rest)  # nothing of this call keeps running after it returns or raises
+            return [first] + [f.result() for f in rest]
         return list(self._executor.map(task, items))
 
     def shards(self, n: int, *, per_row: bool) -> list[slice]:
@@ -105,6 +123,26 @@ def shared_core_pool(workers: int) -> CorePool:
         if pool is None:
             pool = _SHARED[workers] = CorePool(workers)
         return pool
+
+
+@contextmanager
+def coordinating(pool: CorePool | None) -> Iterator[None]:
+    """While the calling thread drives ``pool``: its own intra-op threads set to 1, then restored.
+
+    The driving thread only does the small work between pool calls (guidance, the DDIM
+    update, pixel conversion). With more than one thread of its own, every parallel
+    region it runs leaves OpenMP threads spinning (``GOMP_SPINCOUNT`` under the default
+    wait policy) on the cores the pool's workers need. Without a pool this does nothing.
+    """
+    threads = torch.get_num_threads()
+    if pool is None or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_split(fn: Callable[[slice], torch.Tensor], n: int, pool: CorePool | None, *, per_row: bool) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from ldm.kernels.batch_invariant import (
     CONV_FORMULATIONS,
     InvariantConv2d,
+    InvariantCrossAttention,
+    InvariantGEGLU,
     InvariantLinear,
     default_kernels,
     im2col_conv2d,
@@ -10,12 +12,16 @@ from ldm.kernels.batch_invariant import (
     is_batch_invariant,
     make_batch_invariant,
     onednn_conv2d,
+    onednn_linear,
+    onednn_linear_mul,
     revert_batch_invariant,
 )
 
 __all__ = [
     "CONV_FORMULATIONS",
     "InvariantConv2d",
+    "InvariantCrossAttention",
+    "InvariantGEGLU",
     "InvariantLinear",
     "im2col_conv2d",
     "invariant_linear",
@@ -23,5 +29,7 @@ __all__ = [
     "make_batch_invariant",
     "default_kernels",
     "onednn_conv2d",
+    "onednn_linear",
+    "onednn_linear_mul",
     "revert_batch_invariant",
 ]

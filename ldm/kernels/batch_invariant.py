@@ -13,10 +13,14 @@ measurements):
   every image with the same kernel at any batch size; 1x1 convolutions use ATen's
   im2col kernel (:func:`im2col_conv2d`, one GEMM per image: invariant by construction
   and faster than oneDNN there).
-* **linear** (:func:`invariant_linear`): ``torch.bmm`` with the weight expanded
-  per row: one GEMM per row, always of the row's own shape ``[tokens, in] x [in, out]``,
-  whatever the batch (``F.linear`` flattens the batch into the GEMM's M dimension
-  and MKL then takes other paths, e.g. a GEMV for the time embedding's single token).
+* **linear** (:func:`invariant_linear`): rows of several tokens (attention,
+  feed-forward, text encoder) go to oneDNN's matmul (:func:`onednn_linear`), which
+  blocks only the token (M) dimension, so a row's dot products are summed the same
+  way at any batch size, and which runs AVX-512 code where MKL's GEMM does not (on
+  AMD CPUs MKL stays on its AVX2 path: 2x slower). Rows of one token (the time
+  embedding) take ``torch.bmm`` with the weight expanded per row: one GEMM per row,
+  always of the row's own shape, whatever the batch (``F.linear`` and oneDNN both
+  flatten the batch into M and then switch from a GEMV to a GEMM at M = 2).
 * attention (``scaled_dot_product_attention``), GroupNorm, LayerNorm, softmax and
   element-wise operators already work per row and are left as they are.
 
@@ -35,6 +39,7 @@ records them as they are); other backends may rewrite them, so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -42,8 +47,14 @@ from typing import Any
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
+from ldm.attention import GEGLU, CrossAttention
+
 __all__ = [
     "InvariantConv2d",
+    "InvariantCrossAttention",
+    "InvariantGEGLU",
     "InvariantLinear",
     "CONV_FORMULATIONS",
     "im2col_conv2d",
@@ -52,11 +63,14 @@ __all__ = [
     "make_batch_invariant",
     "default_kernels",
     "onednn_conv2d",
+    "onednn_linear",
+    "onednn_linear_mul",
     "revert_batch_invariant",
 ]
 
 _MARK = "_ldm_batch_invariant"
 _KEEPS_KERNELS = ("eager", "torchscript")  # backends that run the converted graph as it is
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def onednn_conv2d(
@@ -79,8 +93,54 @@ def onednn_conv2d(
     return torch.mkldnn_convolution(x.contiguous(), weight.contiguous(), bias, padding, stride, [1, 1], 1)
 
 
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none"
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on oneDNN's matmul (the batch and tokens flattened into M).
+
+    Batch-invariant for rows of two or more tokens: each output element's dot product
+    over ``in`` is blocked the same way whatever M is (measured for every shape of
+    our models and SD's, M = rows x tokens with 2 to 4096 tokens and 1 to 8 rows;
+    ``tests/unit/test_batch_invariant_kernels.py``). Not for one-token rows: at
+    M = 1 oneDNN takes a GEMV path.
+
+    Args:
+        x: ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or ``None``.
+        post: ``"none"``, or ``"gelu"`` for ``F.gelu`` (erf) fused into the matmul's output.
+
+    Returns:
+        ``[..., out]``.
+    """
+    if torch.jit.is_tracing():  # the tracer cannot record the empty ``Scalar?[]``; a scripted call can
+        return _scripted_onednn_linear()(x.contiguous(), weight, bias, post)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post, [], "none")
+
+
+def _onednn_linear_body(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "none")
+
+
+def onednn_linear_mul(
+    x: torch.Tensor, other: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) * other`` in one oneDNN matmul (the product as its post-op).
+
+    Batch-invariant under the same condition as :func:`onednn_linear` (rows of two or
+    more tokens): the post-op is element-wise.
+    """
+    return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other.contiguous(), weight, bias, "mul")
+
+
+@functools.cache
+def _scripted_onednn_linear() -> torch.jit.ScriptFunction:
+    return torch.jit.script(_onednn_linear_body)
+
+
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` as one GEMM per row of ``x``'s first dimension.
+    """``F.linear(x, weight, bias)`` with every row's numbers independent of the batch size.
+
+    Rows (``x``'s first dimension) of several tokens take :func:`onednn_linear`;
+    rows of one token, or a torch build without oneDNN, take one ``bmm`` GEMM per row.
 
     Args:
         x: ``[N, ..., in]``; weight ``[out, in]``; bias ``[out]`` or ``None``.
@@ -88,6 +148,8 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns:
         ``[N, ..., out]``.
     """
+    if _HAS_ONEDNN and x.shape[1:-1].numel() > 1:  # two or more tokens per row
+        return onednn_linear(x, weight, bias)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
     w = weight.t()  # [in, out]
     w = w.expand(rows.shape[0], w.shape[0], w.shape[1])  # [N, in, out], no copy
@@ -144,6 +206,58 @@ class InvariantLinear(nn.Linear):
         return invariant_linear(x, self.weight, self.bias)
 
 
+class InvariantGEGLU(GEGLU):
+    """``GEGLU`` (``a * gelu(g)``, ``[a, g] = proj(x)``) as two fused oneDNN matmuls.
+
+    ``g = gelu(x W_g + b_g)`` with the GELU as the matmul's post-op, then
+    ``(x W_a + b_a) * g`` with the product as the second one's: no ``[N, T, 2 * inner]``
+    intermediate, no separate GELU and product passes (1.4-1.7x the unfused feed-forward
+    projection, ``docs/benchmarks.md``). ``W_a`` / ``W_g`` are the halves of ``proj.weight``
+    (views: the state dict is unchanged). Rows of one token use ``proj`` (an
+    :class:`InvariantLinear`) and the plain formula on a contiguous gate.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_HAS_ONEDNN and x.shape[1:-1].numel() > 1):
+            a, gate = self.proj(x).chunk(2, dim=-1)
+            # contiguous: ATen's GELU rounds a strided one-token slice differently from
+            # the same slice of a lone row (which counts as contiguous)
+            return a * F.gelu(gate.contiguous())
+        inner = self.proj.out_features // 2
+        w, b = self.proj.weight, self.proj.bias
+        gate = onednn_linear(x, w[inner:], b[inner:], post="gelu")  # [N, T, inner]
+        return onednn_linear_mul(x, gate, w[:inner], b[:inner])  # [N, T, inner]
+
+
+class InvariantCrossAttention(CrossAttention):
+    """``CrossAttention`` with its projections fused: one matmul for q, k, v (self-attention)
+    or for k, v (over the context), on :func:`invariant_linear`.
+
+    The concatenated weights are built from the parameters on every call (a frozen
+    TorchScript trace folds them into constants), so the state dict is unchanged.
+    """
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # [3 * inner, dim]
+            q, k, v = invariant_linear(x, w, None).chunk(3, dim=-1)  # 3 x [B, N, inner]
+        else:
+            q = invariant_linear(x, self.to_q.weight, None)  # [B, N, inner]
+            w = torch.cat([self.to_k.weight, self.to_v.weight])  # [2 * inner, context_dim]
+            k, v = invariant_linear(context, w, None).chunk(2, dim=-1)  # 2 x [B, L, inner]
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)  # [B, h, *, d]
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # [B, h, N, d]
+        return self.to_out(out.transpose(1, 2).flatten(2))  # [B, N, query_dim]
+
+
+_SWAPS: dict[type, type] = {  # plain class -> invariant
+    nn.Linear: InvariantLinear,
+    GEGLU: InvariantGEGLU,
+    CrossAttention: InvariantCrossAttention,
+}
+_PLAIN = {v: k for k, v in _SWAPS.items()}
+
+
 def _convertible_conv(m: nn.Module) -> bool:
     return (
         type(m) is nn.Conv2d
@@ -173,8 +287,8 @@ def make_batch_invariant(module: nn.Module, *, conv: str = "hybrid") -> nn.Modul
         if _convertible_conv(m) or isinstance(m, InvariantConv2d):
             m.__class__ = InvariantConv2d
             m.formulation = conv
-        elif type(m) is nn.Linear:
-            m.__class__ = InvariantLinear
+        elif type(m) in _SWAPS:
+            m.__class__ = _SWAPS[type(m)]
     object.__setattr__(module, _MARK, True)
     return module
 
@@ -207,9 +321,9 @@ def revert_batch_invariant(module: nn.Module) -> list[tuple[nn.Module, type, str
         if isinstance(m, InvariantConv2d):
             changed.append((m, type(m), m.__dict__.pop("formulation", None)))
             m.__class__ = nn.Conv2d
-        elif isinstance(m, InvariantLinear):
+        elif type(m) in _PLAIN:
             changed.append((m, type(m), None))
-            m.__class__ = nn.Linear
+            m.__class__ = _PLAIN[type(m)]
     return changed
 
 

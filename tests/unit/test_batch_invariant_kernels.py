@@ -22,6 +22,8 @@ from ldm.engine.engine import ContinuousBatchEngine
 from ldm.execution.core_pool import ShardedUNet
 from ldm.kernels import (
     InvariantConv2d,
+    InvariantCrossAttention,
+    InvariantGEGLU,
     InvariantLinear,
     default_kernels,
     is_batch_invariant,
@@ -34,7 +36,7 @@ from ldm.random_model import write_random_model
 from ldm_serve.models import bundled_model_path
 
 SIZE = 32
-KINDS = (InvariantConv2d, InvariantLinear, CrossAttention, AttentionBlock, AttnBlock,
+KINDS = (InvariantConv2d, InvariantLinear, CrossAttention, InvariantGEGLU, AttentionBlock, AttnBlock,
          nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)  # fmt: skip
 MAX_ROWS = 8
 
@@ -92,7 +94,8 @@ def test_every_layer_shape_gives_each_row_its_value_alone(tiny_path: Path, which
     size = SIZE if which == "tiny" else pipe.default_size
     calls = _layer_calls(pipe, size)
     kinds = {type(c.module) for c in calls}
-    assert {InvariantConv2d, InvariantLinear, CrossAttention} <= kinds, kinds  # the UNet's own classes
+    # the UNet's own classes (the invariant attention records both self- and cross-attention calls)
+    assert {InvariantConv2d, InvariantLinear, InvariantCrossAttention, InvariantGEGLU} <= kinds, kinds
     roots = {c.name.split(".")[0] for c in calls if isinstance(c.module, InvariantLinear)}
     assert {
         "UNetModel",
@@ -183,3 +186,26 @@ def test_pipeline_and_engine_rows_equal_rows_alone(tiny_path: Path, backend: str
         assert rep.failed == ()
         got.update({im.group: np.asarray(im.image) for im in rep.images})
     assert all(np.array_equal(got[f"g{i}"], alone[i]) for i in range(len(rows)))
+
+
+def test_fused_attention_and_feed_forward_keep_weights_and_close_outputs(one_thread) -> None:
+    """The fused q/k/v and GEGLU kernels compute the plain modules' values from the same state dict."""
+    from ldm.attention import BasicTransformerBlock
+
+    block = BasicTransformerBlock(32, n_heads=2, d_head=16, context_dim=24).eval()
+    x, context = torch.randn(3, 10, 32), torch.randn(3, 7, 24)
+    one_token, one_ctx = torch.randn(3, 1, 32), torch.randn(3, 1, 24)  # the bmm path
+    with torch.no_grad():
+        want, want_one = block(x, context), block(one_token, one_ctx)
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        make_batch_invariant(block)
+        assert isinstance(block.attn1, InvariantCrossAttention) and isinstance(block.ff.net[0], InvariantGEGLU)
+        assert block.state_dict().keys() == state.keys()
+        assert all(torch.equal(state[k], v) for k, v in block.state_dict().items())
+        torch.testing.assert_close(block(x, context), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(block(one_token, one_ctx), want_one, rtol=1e-4, atol=1e-4)
+        _assert_rows_independent(block, (x[:1], context[:1]), "transformer block")
+        _assert_rows_independent(block, (one_token[:1], one_ctx[:1]), "transformer block, one token")
+        revert_batch_invariant(block)
+        assert type(block.attn1) is CrossAttention and type(block.ff.net[0]).__name__ == "GEGLU"
+        torch.testing.assert_close(block(x, context), want, rtol=1e-6, atol=1e-6)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.execution.core_pool import CorePool, ShardedUNet, default_core_workers, shared_core_pool
+from ldm.execution.core_pool import CorePool, ShardedUNet, coordinating, default_core_workers, shared_core_pool
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
 from ldm_serve.errors import ConfigError
@@ -50,13 +50,50 @@ def test_shards_cover_the_batch_in_order_and_near_equal(n: int, workers: int) ->
         pool.close()
 
 
-def test_pool_threads_use_one_core_and_leave_the_caller_alone(pool: CorePool) -> None:
+@pytest.fixture()
+def two_threads():
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _on_pool_thread(_: object) -> torch.Tensor:
+    return torch.tensor(threading.current_thread().name.startswith("ldm-core"))
+
+
+def test_pool_threads_use_one_core_and_leave_the_caller_alone(pool: CorePool, two_threads) -> None:
     seen = pool.map(lambda _: torch.tensor(torch.get_num_threads()), range(6))
     assert [int(v) for v in seen] == [1] * 6
-    names = pool.map(lambda _: torch.tensor(threading.current_thread().name.startswith("ldm-core")), range(2))
-    assert all(bool(v) for v in names)
-    assert torch.get_num_threads() == before
+    assert all(bool(v) for v in pool.map(_on_pool_thread, range(2)))  # a multi-thread caller only waits
+    assert torch.get_num_threads() == 2
+
+
+def test_a_coordinating_caller_computes_the_first_item_on_one_thread(pool: CorePool, two_threads) -> None:
+    with coordinating(pool):
+        assert torch.get_num_threads() == 1
+        where = [bool(v) for v in pool.map(_on_pool_thread, range(3))]
+        threads = [int(v) for v in pool.map(lambda _: torch.tensor(torch.get_num_threads()), range(3))]
+    assert where == [False, True, True]  # item 0 in the caller, the rest on the pool
+    assert threads == [1, 1, 1]
+    assert torch.get_num_threads() == 2  # restored
+    with coordinating(None):  # no pool: nothing changes
+        assert torch.get_num_threads() == 2
+
+
+def test_a_coordinating_caller_waits_for_the_pool_when_its_item_fails(pool: CorePool, two_threads) -> None:
+    finished = threading.Event()
+
+    def task(k: int) -> torch.Tensor:
+        if k == 0:
+            raise RuntimeError("item 0 failed")
+        finished.wait(0.2)  # still running when item 0 fails
+        finished.set()
+        return torch.zeros(1)
+
+    with coordinating(pool), pytest.raises(RuntimeError, match="item 0 failed"):
+        pool.map(task, [0, 1])
+    assert finished.is_set()  # map returned only after the pool's item ended
 
 
 def test_pool_runs_without_autograd_and_raises_task_errors(pool: CorePool) -> None:

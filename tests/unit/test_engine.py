@@ -46,6 +46,7 @@ class FakeModel:
     """Implements ``ldm.engine.engine.EngineModel`` around a row-wise fake UNet."""
 
     device = torch.device("cpu")
+    core_pool = None  # runs inline
 
     def __init__(self, *, concat: bool = False, batch_invariant: bool = True, fail_prepare: int | None = None) -> None:
         self.concat = concat

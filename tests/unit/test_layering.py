@@ -40,8 +40,9 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "sampling": frozenset({"base", "networks"}),
     # how a call runs (core pool, padding), independent of what it computes
     "execution": frozenset({"base", "networks"}),
-    # how an operator computes (batch-invariant kernels): torch only
-    "kernels": frozenset(),
+    # how an operator or an attention block computes (batch-invariant kernels): torch and
+    # the base blocks it re-implements (ldm.attention's CrossAttention and GEGLU)
+    "kernels": frozenset({"base"}),
     # files -> modules: never sampling, execution, the pipeline or the engine
     "loading": frozenset({"base", "networks"}),
     "tiny": frozenset({"base", "networks", "loading"}),
