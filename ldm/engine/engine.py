@@ -38,8 +38,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ldm.execution.core_pool import CorePool, coordinating
 from ldm.engine.admission import Admission, AdmissionConfig, AdmissionPolicy, Plan
+from ldm.execution.core_pool import CorePool, coordinating
 from ldm.sampling.ddim import BlendRows, DenoiseFn, ddim_iteration, gather_coefficients
 from ldm.sampling.rows import PreparedRow
 

@@ -45,9 +45,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from ldm.attention import GEGLU, CrossAttention
 

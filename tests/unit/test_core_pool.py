@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.execution.core_pool import CorePool, ShardedUNet, coordinating, default_core_workers, shared_core_pool
+from ldm.execution.core_pool import (
+    CorePool,
+    ShardedUNet,
+    coordinating,
+    default_core_workers,
+    shared_core_pool,
+)
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline
 from ldm.random_model import write_random_model
 from ldm_serve.errors import ConfigError
