@@ -7,9 +7,11 @@ UNet (TorchScript, as served), microseconds per row of:
 * ``rows``: one call per row with the default kernels (the previous batch-invariant engine);
 * ``hybrid``: one call for the batch with :mod:`ldm.kernels.batch_invariant` (the default:
   oneDNN called directly for spatial convolutions, ATen's per-image im2col + GEMM for 1x1;
-  linears as per-row ``bmm``);
+  oneDNN's matmul for linears over token sequences, fused q/k/v and GEGLU, per-row ``bmm``
+  for one-token rows);
 * ``im2col``: the same with every convolution as per-image im2col + GEMM;
-* per layer, ``im2col`` and ``oneDNN`` (``torch.mkldnn_convolution``) separately;
+* per layer, ``im2col`` and ``oneDNN`` (``torch.mkldnn_convolution``) separately, and for
+  linears the per-row ``bmm`` and oneDNN's matmul;
 * ``batched``: one call for the batch with the default kernels (fastest, NOT batch-invariant);
 * for convolutions also ``unfold+bmm`` (``F.unfold`` then ``bmm``, invariant by construction).
 
@@ -41,9 +43,9 @@ from ldm.kernels import (  # noqa: E402
     InvariantConv2d,
     InvariantLinear,
     im2col_conv2d,
-    invariant_linear,
     make_batch_invariant,
     onednn_conv2d,
+    onednn_linear,
 )
 from ldm.kernels.probe import record_layer_calls, row_batch  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
@@ -81,12 +83,23 @@ def conv_candidates(m: nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[], obj
     }
 
 
+def per_row_bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The previous invariant linear: one ``bmm`` GEMM per row with the weight expanded."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
+    w = weight.t().expand(rows.shape[0], -1, -1)  # [N, in, out]
+    out = torch.bmm(rows, w) if bias is None else torch.baddbmm(bias.expand(*rows.shape[:2], -1), rows, w)
+    return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
 def linear_candidates(m: nn.Linear, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    return {
+    cands = {
         "rows": lambda: [F.linear(x[i : i + 1], m.weight, m.bias) for i in range(x.shape[0])],
-        "im2col": lambda: invariant_linear(x, m.weight, m.bias),
+        "im2col": lambda: per_row_bmm(x, m.weight, m.bias),
         "batched": lambda: F.linear(x, m.weight, m.bias),
     }
+    if x.shape[1:-1].numel() > 1:  # oneDNN's matmul is invariant only for rows of several tokens
+        cands["oneDNN"] = lambda: onednn_linear(x, m.weight, m.bias)
+    return cands
 
 
 def layer_table(pipe: LatentDiffusionPipeline, rows: int, repeats: int, limit: int) -> list[str]:
@@ -214,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                 pipe = load_pipeline(path, core_workers=2)
                 print(f"\n### {label}: layers, {args.rows} rows, one thread (us per row)\n")
                 print(
-                    "| layer | input (one row) | rows | invariant: im2col (linear: bmm) "
-                    "| invariant: oneDNN direct "
+                    "| layer | input (one row) | rows | invariant: im2col (linear: per-row bmm) "
+                    "| invariant: oneDNN direct (linear: oneDNN matmul) "
                     "| batched (not invariant) | unfold+bmm |"
                 )
                 print("|---|---|---:|---:|---:|---:|---:|")
