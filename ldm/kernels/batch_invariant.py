@@ -14,21 +14,26 @@ measurements):
   im2col kernel (:func:`im2col_conv2d`, one GEMM per image: invariant by construction
   and faster than oneDNN there).
 * **linear** (:func:`invariant_linear`): rows of several tokens (attention,
-  feed-forward, text encoder) go to oneDNN's matmul (:func:`onednn_linear`), which
-  blocks only the token (M) dimension, so a row's dot products are summed the same
-  way at any batch size, and which runs AVX-512 code where MKL's GEMM does not (on
-  AMD CPUs MKL stays on its AVX2 path: 2x slower). Rows of one token (the time
-  embedding) take ``torch.bmm`` with the weight expanded per row: one GEMM per row,
-  always of the row's own shape, whatever the batch (``F.linear`` and oneDNN both
-  flatten the batch into M and then switch from a GEMV to a GEMM at M = 2).
-* attention (``scaled_dot_product_attention``), GroupNorm, LayerNorm, softmax and
-  element-wise operators already work per row and are left as they are.
+  feed-forward, text encoder) go to oneDNN's matmul (:func:`onednn_linear`): it
+  flattens rows and tokens into M, yet a row's results were measured independent of
+  M for rows of 2 to 4096 tokens, and it runs AVX-512 code where MKL's GEMM does not
+  (on AMD CPUs MKL stays on its AVX2 path: about 2x slower). Rows of one token (the
+  time embedding) take ``torch.bmm`` with the weight expanded per row: one GEMM per
+  row, always of the row's own shape, whatever the batch (``F.linear`` and oneDNN
+  both switch from a GEMV to a GEMM between M = 1 and M = 2).
+* **attention blocks**: :class:`InvariantCrossAttention` computes q, k, v (or k, v
+  over the context) in one matmul; :class:`InvariantGEGLU` runs the feed-forward
+  projection as two oneDNN matmuls with the GELU and the product as post-ops.
+  ``scaled_dot_product_attention``, GroupNorm, LayerNorm, softmax and element-wise
+  operators already work per row and are left as they are.
 
 These are properties of the CPU libraries, not promises of their APIs, so
 ``tests/unit/test_batch_invariant_kernels.py`` proves them for every convolution,
 linear and attention shape of the UNet, text encoder and decoder (taken from the
 module trees), at batch sizes 1 to 8, eagerly and traced (TorchScript), and the
-pipeline and engine tests check whole images. ``bench/kernel_bench.py`` compares the
+pipeline and engine tests check whole images. Rows of one token through a whole
+transformer block are tested too (ATen's GELU on a strided slice is not invariant
+there; :class:`InvariantGEGLU` makes the gate contiguous). ``bench/kernel_bench.py`` compares the
 formulations' speed.
 
 :func:`make_batch_invariant` converts a model in place (class swap, same
