@@ -102,11 +102,11 @@ def onednn_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on oneDNN's matmul (the batch and tokens flattened into M).
 
-    Batch-invariant for rows of two or more tokens: each output element's dot product
-    over ``in`` is blocked the same way whatever M is (measured for every shape of
-    our models and SD's, M = rows x tokens with 2 to 4096 tokens and 1 to 8 rows;
-    ``tests/unit/test_batch_invariant_kernels.py``). Not for one-token rows: at
-    M = 1 oneDNN takes a GEMV path.
+    Batch-invariant for rows of two or more tokens: a row's results do not depend on
+    M (measured, not promised by oneDNN: every shape of our models and SD's widths,
+    2 to 4096 tokens, 1 to 8 rows; ``tests/unit/test_batch_invariant_kernels.py``
+    re-proves it for our models). Not for one-token rows: at M = 1 oneDNN takes a
+    GEMV path.
 
     Args:
         x: ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or ``None``.
@@ -215,7 +215,7 @@ class InvariantGEGLU(GEGLU):
 
     ``g = gelu(x W_g + b_g)`` with the GELU as the matmul's post-op, then
     ``(x W_a + b_a) * g`` with the product as the second one's: no ``[N, T, 2 * inner]``
-    intermediate, no separate GELU and product passes (1.4-1.7x the unfused feed-forward
+    intermediate, no separate GELU and product passes (1.1-1.7x the unfused feed-forward
     projection, ``docs/benchmarks.md``). ``W_a`` / ``W_g`` are the halves of ``proj.weight``
     (views: the state dict is unchanged). Rows of one token use ``proj`` (an
     :class:`InvariantLinear`) and the plain formula on a contiguous gate.
