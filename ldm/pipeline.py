@@ -592,19 +592,6 @@ class LatentDiffusionPipeline:
         """
         if not rows:
             return torch.empty(0), set()
-        with coordinating(self.core_pool):  # this thread only drives the core workers meanwhile
-            return self._sample_rows(rows, width, height, on_step, on_finished, validate)
-
-    def _sample_rows(
-        self,
-        rows: Sequence[GenerationRow],
-        width: int,
-        height: int,
-        on_step: StepHook | None,
-        on_finished: Callable[[list[int], torch.Tensor], None] | None,
-        validate: bool,
-    ) -> tuple[torch.Tensor, set[int]]:
-        """The body of :meth:`generate_latents` (non-empty ``rows``)."""
         if validate:
             for row in rows:
                 self.validate_row(row, width, height)
@@ -653,16 +640,19 @@ class LatentDiffusionPipeline:
             canceled.update(dropped)
             return dropped
 
-        latents = sample_ddim(
-            denoiser,
-            x_T,
-            timesteps,
-            self._alphas_device,
-            eta=torch.tensor([float(r.eta) for r in rows]),
-            generators=generators,
-            blend=inpaint["blend"],
-            callback=callback,
-        )
+        # the sampling loop only drives the core workers (decoding included, via on_finished);
+        # preparation above (text, img2img / inpainting encoders) keeps this thread's own threads
+        with coordinating(self.core_pool):
+            latents = sample_ddim(
+                denoiser,
+                x_T,
+                timesteps,
+                self._alphas_device,
+                eta=torch.tensor([float(r.eta) for r in rows]),
+                generators=generators,
+                blend=inpaint["blend"],
+                callback=callback,
+            )
         return latents, canceled
 
     def _inpainting_inputs(

@@ -254,10 +254,6 @@ class ContinuousBatchEngine:
         """Admit, denoise every running row by one step, decode finished rows (see the module docstring)."""
         if not self._groups:
             return EngineStep()
-        with coordinating(self.model.core_pool):  # this thread drives the core workers
-            return self._step()
-
-    def _step(self) -> EngineStep:
         plan = self.admission.schedule()
         failed: list[tuple[str, BaseException]] = []
 
@@ -273,14 +269,16 @@ class ContinuousBatchEngine:
 
         running = [r for g in self._groups.values() for r in g.rows if not r.done]
         advanced = 0
-        if running:
-            step_failed = self._denoise(running, plan.bucket)
-            failed += step_failed
-            advanced = sum(1 for r in running if r.group not in dict(step_failed))
-        t2 = self.clock()
-        progress = tuple(self._progress(g) for g in self._groups.values() if g.rows)
-
-        images, finished, decode_failed = self._decode_finished()
+        # denoising and decoding only drive the core workers; preparation (text, image
+        # encoders) above keeps this thread's own threads
+        with coordinating(self.model.core_pool):
+            if running:
+                step_failed = self._denoise(running, plan.bucket)
+                failed += step_failed
+                advanced = sum(1 for r in running if r.group not in dict(step_failed))
+            t2 = self.clock()
+            progress = tuple(self._progress(g) for g in self._groups.values() if g.rows)
+            images, finished, decode_failed = self._decode_finished()
         failed += decode_failed
         t3 = self.clock()
         gone = {g for g, _ in failed}
