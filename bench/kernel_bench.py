@@ -46,6 +46,8 @@ from ldm.kernels import (  # noqa: E402
     make_batch_invariant,
     onednn_conv2d,
     onednn_linear,
+    per_row_linear,
+    takes_onednn_linear,
 )
 from ldm.kernels.probe import record_layer_calls, row_batch  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
@@ -83,21 +85,13 @@ def conv_candidates(m: nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[], obj
     }
 
 
-def per_row_bmm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The previous invariant linear: one ``bmm`` GEMM per row with the weight expanded."""
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
-    w = weight.t().expand(rows.shape[0], -1, -1)  # [N, in, out]
-    out = torch.bmm(rows, w) if bias is None else torch.baddbmm(bias.expand(*rows.shape[:2], -1), rows, w)
-    return out.reshape(x.shape[:-1] + (weight.shape[0],))
-
-
 def linear_candidates(m: nn.Linear, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     cands = {
         "rows": lambda: [F.linear(x[i : i + 1], m.weight, m.bias) for i in range(x.shape[0])],
-        "im2col": lambda: per_row_bmm(x, m.weight, m.bias),
+        "im2col": lambda: per_row_linear(x, m.weight, m.bias),
         "batched": lambda: F.linear(x, m.weight, m.bias),
     }
-    if x.shape[1:-1].numel() > 1:  # oneDNN's matmul is invariant only for rows of several tokens
+    if takes_onednn_linear(x):  # oneDNN's matmul is invariant only for rows of several tokens
         cands["oneDNN"] = lambda: onednn_linear(x, m.weight, m.bias)
     return cands
 

@@ -14,7 +14,9 @@ from ldm.kernels.batch_invariant import (
     onednn_conv2d,
     onednn_linear,
     onednn_linear_mul,
+    per_row_linear,
     revert_batch_invariant,
+    takes_onednn_linear,
 )
 
 __all__ = [
@@ -31,5 +33,7 @@ __all__ = [
     "onednn_conv2d",
     "onednn_linear",
     "onednn_linear_mul",
+    "per_row_linear",
     "revert_batch_invariant",
+    "takes_onednn_linear",
 ]

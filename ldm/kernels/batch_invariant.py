@@ -69,7 +69,9 @@ __all__ = [
     "onednn_conv2d",
     "onednn_linear",
     "onednn_linear_mul",
+    "per_row_linear",
     "revert_batch_invariant",
+    "takes_onednn_linear",
 ]
 
 _MARK = "_ldm_batch_invariant"
@@ -140,20 +142,17 @@ def _scripted_onednn_linear() -> torch.jit.ScriptFunction:
     return torch.jit.script(_onednn_linear_body)
 
 
-def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with every row's numbers independent of the batch size.
+def takes_onednn_linear(x: torch.Tensor) -> bool:
+    """Whether :func:`invariant_linear` runs ``x`` on oneDNN: rows (dim 0) of two or more tokens."""
+    return _HAS_ONEDNN and x.shape[1:-1].numel() > 1
 
-    Rows (``x``'s first dimension) of several tokens take :func:`onednn_linear`;
-    rows of one token, or a torch build without oneDNN, take one ``bmm`` GEMM per row.
 
-    Args:
-        x: ``[N, ..., in]``; weight ``[out, in]``; bias ``[out]`` or ``None``.
+def per_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as one ``bmm`` GEMM per row of ``x``'s first dimension.
 
-    Returns:
-        ``[N, ..., out]``.
+    Each GEMM has the row's own shape ``[tokens, in] x [in, out]`` whatever the batch:
+    invariant by construction, for any token count.
     """
-    if _HAS_ONEDNN and x.shape[1:-1].numel() > 1:  # two or more tokens per row
-        return onednn_linear(x, weight, bias)
     rows = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
     w = weight.t()  # [in, out]
     w = w.expand(rows.shape[0], w.shape[0], w.shape[1])  # [N, in, out], no copy
@@ -162,6 +161,23 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     else:  # the bias enters each row's GEMM as its C matrix
         out = torch.baddbmm(bias.expand(rows.shape[0], rows.shape[1], bias.shape[0]), rows, w)
     return out.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with every row's numbers independent of the batch size.
+
+    Rows (``x``'s first dimension) of several tokens take :func:`onednn_linear`;
+    rows of one token, or a torch build without oneDNN, take :func:`per_row_linear`.
+
+    Args:
+        x: ``[N, ..., in]``; weight ``[out, in]``; bias ``[out]`` or ``None``.
+
+    Returns:
+        ``[N, ..., out]``.
+    """
+    if takes_onednn_linear(x):
+        return onednn_linear(x, weight, bias)
+    return per_row_linear(x, weight, bias)
 
 
 def im2col_conv2d(
@@ -222,7 +238,7 @@ class InvariantGEGLU(GEGLU):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_HAS_ONEDNN and x.shape[1:-1].numel() > 1):
+        if not takes_onednn_linear(x):
             a, gate = self.proj(x).chunk(2, dim=-1)
             # contiguous: ATen's GELU rounds a strided one-token slice differently from
             # the same slice of a lone row (which counts as contiguous)
