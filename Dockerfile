@@ -49,6 +49,11 @@ RUN /opt/venv/bin/pip install --no-cache-dir . && /opt/venv/bin/pip check
 # ---------------------------------------------------------------------------------------------------
 # runtime: no compilers, no pip cache, no sources; a non-root user; models under /models
 FROM ${BASE_IMAGE} AS runtime
+# jemalloc: CPU workers preload it (LDM_CPU_ALLOCATOR=auto, ldm_serve/cpu_allocator.py); unpinned, as the
+# base image's Debian release decides the version (any 5.x)
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --no-log-init --create-home --home-dir /home/ldm --uid 10001 --user-group ldm \
     && mkdir -p /models /home/ldm/.cache/ldm-serve \
     && chown -R ldm:ldm /home/ldm

@@ -29,6 +29,7 @@ one-core worker per torch thread), printed as the summary table with
     python bench/engine_bench.py --markdown --compare previous batched   # + per-row and not-invariant runs
     python bench/engine_bench.py --steps 2 --repeats 1 --warmup 0 --no-model --no-diffusers-compile  # smoke
     python bench/engine_bench.py --backends eager torchscript inductor --core-workers 1 2 --markdown
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python bench/engine_bench.py --markdown  # both on jemalloc
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from ldm.backends import apply_backend  # noqa: E402
 from ldm.execution.core_pool import shared_core_pool  # noqa: E402
 from ldm.loading.config_yaml import model_config_to_yaml  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
+from ldm_serve.cpu_allocator import allocator_in_use  # noqa: E402
 from ldm_serve.cpu_threads import reexec_with_wait_policy  # noqa: E402
 
 PROMPT = "a red circle on the left"
@@ -208,9 +210,11 @@ def bench_model(label: str, checkpoint: Path, args: argparse.Namespace, cache_di
     pipes: dict[str, LatentDiffusionPipeline] = {}
     compile_s: dict[str, float] = {}
     for workers in args.core_workers:
-        base = load_pipeline(checkpoint, batch_invariant=args.batch_invariant, core_workers=workers)
         for backend in args.backends:
-            pipe = copy.copy(base)  # apply_backend replaces pipe.model, so the copies stay independent
+            # a pipeline of its own per backend: compilers other than TorchScript put the plain
+            # kernels back into the modules they compile, which would turn a shared module's
+            # TorchScript run back into one call per row
+            pipe = load_pipeline(checkpoint, batch_invariant=args.batch_invariant, core_workers=workers)
             report = apply_backend(pipe, backend, cache_dir=cache_dir, warmup_sizes=[(size, size)])
             compile_s[impl_name(backend, workers)] = report.seconds
             pipes[impl_name(backend, workers)] = pipe
@@ -306,7 +310,8 @@ def markdown(result: dict) -> str:
         "",
         f"torch {result['torch']}, {result['threads']} threads, {result['cpu']}, {result['steps']} DDIM steps, "
         f"guidance {result['scale']}, batch_invariant={result['batch_invariant']}, "
-        f"core workers {result['core_workers']}, OMP_WAIT_POLICY {result['omp_wait_policy']}",
+        f"core workers {result['core_workers']}, OMP_WAIT_POLICY {result['omp_wait_policy']}, "
+        f"allocator {result.get('allocator', 'system')}",
         "",
         "| model | size | batch | implementation | images/s | ours / diffusers eager |",
         "|---|---:|---:|---|---:|---:|",
@@ -394,6 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_invariant": load_flag(args),
         "core_workers": args.core_workers,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "allocator": allocator_in_use(),  # jemalloc with LD_PRELOAD=.../libjemalloc.so.2 (both sides)
         "models": results,
         "notes": notes,
     }

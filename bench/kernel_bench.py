@@ -15,6 +15,10 @@ UNet (TorchScript, as served), microseconds per row of:
 * ``batched``: one call for the batch with the default kernels (fastest, NOT batch-invariant);
 * for convolutions also ``unfold+bmm`` (``F.unfold`` then ``bmm``, invariant by construction).
 
+First, the fixed cost per call of each kernel on a near-empty problem (what a one-row
+UNet call pays about 20 + 56 times on top of its arithmetic); with the UNet table, its
+GFLOP per row (``torch.utils.flop_counter``) as GFLOP/s of the invariant UNet.
+
 Candidates run interleaved, the minimum of ``--repeats`` rounds is reported (the
 machine is shared; the minimum is the least disturbed run).
 
@@ -51,6 +55,7 @@ from ldm.kernels import (  # noqa: E402
 )
 from ldm.kernels.probe import record_layer_calls, row_batch  # noqa: E402
 from ldm.pipeline import GenerationRow, LatentDiffusionPipeline, load_pipeline  # noqa: E402
+from ldm_serve.cpu_allocator import allocator_in_use  # noqa: E402
 
 
 def best_us(fns: dict[str, Callable[[], object]], repeats: int, rows: int) -> dict[str, float]:
@@ -144,6 +149,36 @@ def top_ops(fn: Callable[[], object], rounds: int, top: int) -> list[tuple[str, 
     return [(e.key, e.self_cpu_time_total / total, e.count // rounds) for e in events[:top]]
 
 
+def call_overhead_lines(repeats: int) -> list[str]:
+    """Microseconds per call of each kernel on a near-empty problem: its fixed cost per call.
+
+    A UNet call at one row makes about 20 oneDNN convolutions and 56 oneDNN matmuls on small
+    tensors, so these fixed costs, not arithmetic, decide the one-row figures.
+    """
+    x, w, b = torch.randn(1, 4, 4, 4), torch.randn(8, 4, 3, 3), torch.randn(8)  # conv 4 -> 8, 4x4 map
+    xl, wl, bl = torch.randn(1, 4, 8), torch.randn(8, 8), torch.randn(8)  # 4 tokens, 8 -> 8
+    fns: dict[str, Callable[[], object]] = {
+        "conv: oneDNN (`onednn_conv2d`)": lambda: onednn_conv2d(x, w, b, [1, 1], [1, 1]),
+        "conv: ATen im2col + GEMM (`im2col_conv2d`)": lambda: im2col_conv2d(x, w, b, [1, 1], [1, 1]),
+        "conv: `F.conv2d` (picks per call)": lambda: F.conv2d(x, w, b, 1, 1),
+        "linear: oneDNN matmul (`onednn_linear`)": lambda: onednn_linear(xl, wl, bl),
+        "linear: per-row `bmm` (`per_row_linear`)": lambda: per_row_linear(xl, wl, bl),
+        "linear: `F.linear` (MKL)": lambda: F.linear(xl, wl, bl),
+        "element-wise add (dispatch floor)": lambda: xl + xl,
+    }
+    per_call = {k: min(best_us({k: fn}, 200, 1)[k] for _ in range(repeats)) for k, fn in fns.items()}
+    return [f"| {k} | {v:.1f} |" for k, v in per_call.items()]
+
+
+def unet_gflop_per_row(unet: nn.Module, example: tuple[torch.Tensor, ...]) -> float:
+    """GFLOP of one UNet row (``torch.utils.flop_counter``: convolutions, matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(*example)
+    return counter.get_total_flops() / 1e9
+
+
 def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int = 0) -> list[str]:
     """Whole UNet, TorchScript: per-row calls of the plain UNet vs one call of the invariant ones."""
     plain = load_pipeline(path, core_workers=1)
@@ -164,6 +199,7 @@ def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int
             "hybrid": traced(make_batch_invariant(copy.deepcopy(plain.model.unet), conv="hybrid")),
             "im2col": traced(make_batch_invariant(copy.deepcopy(plain.model.unet), conv="im2col")),
         }
+    gflop = unet_gflop_per_row(plain.model.unet, example)
     lines = []
     for n in rows_list:
         x = torch.randn(n, plain.latent_channels, h, h)
@@ -171,7 +207,7 @@ def unet_table(path: Path, rows_list: list[int], repeats: int, profile_rows: int
         ms = {k: v / 1000 for k, v in best_us(unet_candidates(fns, x, t, c), repeats, n).items()}
         lines.append(f"| {n} | {ms['rows']:.2f} | {ms['hybrid']:.2f} ({ms['rows'] / ms['hybrid']:.2f}x) | "
                      f"{ms['im2col']:.2f} ({ms['rows'] / ms['im2col']:.2f}x) "
-                     f"| {ms['batched']:.2f} |")  # fmt: skip
+                     f"| {ms['batched']:.2f} | {gflop * 1000 / ms['hybrid']:.0f} |")  # fmt: skip
     if profile_rows:
         x = torch.randn(profile_rows, plain.latent_channels, h, h)
         t, c = torch.randint(0, 1000, (profile_rows,)), torch.randn(profile_rows, ctx_len, ctx_dim)
@@ -197,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a core worker's setting
+    print(f"\n### Fixed cost per call, one thread (us; allocator: {allocator_in_use()})\n")
+    print("| kernel | us per call |\n|---|---:|")
+    print("\n".join(call_overhead_lines(max(3, args.repeats // 4))))
 
     from ldm.random_model import write_random_model
     from ldm_serve.models import bundled_model_path
@@ -210,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n### {label}: whole UNet, TorchScript, one thread (ms per row)\n")
             print("| rows per call | one call per row (previous) | invariant hybrid, one call (speed-up) | "
                   "invariant im2col, one call (speed-up) | "
-                  "default kernels, one call (not invariant) |")  # fmt: skip
-            print("|---:|---:|---:|---:|---:|")
+                  "default kernels, one call (not invariant) | invariant hybrid: GFLOP/s |")  # fmt: skip
+            print("|---:|---:|---:|---:|---:|---:|")
             print(
                 "\n".join(
                     unet_table(Path(path), args.unet_rows, max(3, args.repeats // 2), args.profile_rows)

@@ -135,6 +135,11 @@ class Settings(BaseSettings):
         description="CPU: run UNet rows / batch shards on this many one-core threads (default: torch's thread count;"
         " 1 = one call at a time with every thread)",
     )
+    cpu_allocator: Literal["auto", "jemalloc", "system"] = Field(
+        default="auto",
+        description="worker memory allocator (ldm_serve/cpu_allocator.py): auto = jemalloc on CPU workers when"
+        " libjemalloc.so.2 is installed; jemalloc = required; system = glibc's",
+    )
     backend: Literal["auto", "eager", "torchscript", "inductor", "cudagraphs", "tensorrt"] = Field(
         default="auto",
         description="how the worker runs the UNet and decoder (ldm/backends); compiled before the worker is ready."

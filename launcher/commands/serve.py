@@ -65,6 +65,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_batch_rows=args.max_batch_rows,
         worker_metrics_port=args.metrics_port,
     )
+    from ldm_serve.cpu_allocator import use_cpu_allocator
+
+    # before torch loads: may restart this process (same PID) with jemalloc preloaded
+    allocator = use_cpu_allocator(settings.cpu_allocator, settings.device)
+    log.info("memory allocator: %s (LDM_CPU_ALLOCATOR=%s)", allocator, settings.cpu_allocator)
     if settings.model_path is None:
         settings = settings.model_copy(update={"model_path": _default_model()})
     run_worker(settings)

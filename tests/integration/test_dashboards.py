@@ -108,9 +108,9 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         procs.append(gateway)
         gw = f"http://127.0.0.1:{gport}"
         wait_http(f"{gw}/healthz", 60, gateway, tmp / "gateway.log")
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{wport}/readyz", timeout=2).status_code == 200
-                   if worker.poll() is None else pytest.fail((tmp / "worker.log").read_text()[-3000:]),
-                   180, "worker /readyz", interval_s=0.2)
+        # /readyz answers 503 while the model loads; before that (the worker may re-execute itself
+        # onto jemalloc first) nothing listens on the port yet
+        wait_http(f"http://127.0.0.1:{wport}/readyz", 180, worker, tmp / "worker.log")
         rules = sorted(str(p) for p in (ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
         (tmp / "prometheus.yml").write_text(json.dumps({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

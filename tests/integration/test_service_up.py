@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ldm_serve.cpu_allocator import find_jemalloc
 from tests.serving_support import ROOT, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -74,6 +75,11 @@ def test_up_starts_everything_and_stops_on_ctrl_c(model_path: Path, tmp_path: Pa
     try:
         text = _wait_up(proc, log)
         assert f"http://127.0.0.1:{port}" in text and "UNTRAINED" in text, text
+        # the worker re-executed itself onto jemalloc where the machine has it (same PID as supervised)
+        allocator = "jemalloc" if find_jemalloc() else "system"
+        assert f"memory allocator: {allocator} (LDM_CPU_ALLOCATOR=auto)" in text, text
+        maps = Path(f"/proc/{_worker_pid(log)}/maps").read_text()
+        assert ("libjemalloc" in maps) == (allocator == "jemalloc")
         url = f"http://127.0.0.1:{port}"
         r = httpx.post(f"{url}/v1/txt2img", json={"prompt": "up", "steps": 4}, headers={"Prefer": "wait=30"},
                        timeout=40)
