@@ -202,22 +202,32 @@ def impl_name(backend: str, workers: int) -> str:
     return f"ours / {backend}" + ("" if workers == 1 else f", {workers} core workers")
 
 
+def ours_pipelines(
+    checkpoint: Path, args: argparse.Namespace, cache_dir: Path, size: int
+) -> tuple[dict[str, LatentDiffusionPipeline], dict[str, float]]:
+    """Ours per ``--core-workers`` value and backend: ``(pipelines, compile seconds)`` by row label.
+
+    Each gets a model of its own: compilers other than TorchScript put the plain kernels back
+    into the modules they compile, which would turn a shared module's TorchScript run back
+    into one call per row.
+    """
+    pipes: dict[str, LatentDiffusionPipeline] = {}
+    compile_s: dict[str, float] = {}
+    for workers in args.core_workers:
+        for backend in args.backends:
+            pipe = load_pipeline(checkpoint, batch_invariant=args.batch_invariant, core_workers=workers)
+            report = apply_backend(pipe, backend, cache_dir=cache_dir, warmup_sizes=[(size, size)])
+            compile_s[impl_name(backend, workers)] = report.seconds
+            pipes[impl_name(backend, workers)] = pipe
+    return pipes, compile_s
+
+
 def bench_model(label: str, checkpoint: Path, args: argparse.Namespace, cache_dir: Path) -> dict:
     ours = load_pipeline(checkpoint, batch_invariant=args.batch_invariant, core_workers=1)
     size = args.size or ours.default_size
     ref = diffusers_pipeline(ours, checkpoint, size)
     max_diff = parity(ours, ref, size, args.steps, args.scale)
-    pipes: dict[str, LatentDiffusionPipeline] = {}
-    compile_s: dict[str, float] = {}
-    for workers in args.core_workers:
-        for backend in args.backends:
-            # a pipeline of its own per backend: compilers other than TorchScript put the plain
-            # kernels back into the modules they compile, which would turn a shared module's
-            # TorchScript run back into one call per row
-            pipe = load_pipeline(checkpoint, batch_invariant=args.batch_invariant, core_workers=workers)
-            report = apply_backend(pipe, backend, cache_dir=cache_dir, warmup_sizes=[(size, size)])
-            compile_s[impl_name(backend, workers)] = report.seconds
-            pipes[impl_name(backend, workers)] = pipe
+    pipes, compile_s = ours_pipelines(checkpoint, args, cache_dir, size)
     workers = max(args.core_workers)
     for extra in args.compare:
         # "previous": one UNet / decoder / text-encoder call per row on the pool (before ldm.kernels)

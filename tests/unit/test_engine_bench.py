@@ -40,3 +40,21 @@ def test_engine_bench_smoke_run_reports_every_implementation(tmp_path: Path) -> 
         "| model | batch | diffusers eager | diffusers inductor | ours (serving default) |"
     )
     assert len(summary) == 2 + 2  # header, rule, one line per batch
+
+
+def test_every_backend_gets_a_model_of_its_own(tmp_path: Path) -> None:
+    """A backend that reverts the invariant kernels (inductor) must not reach another backend's model."""
+    import argparse
+
+    from ldm.kernels import is_batch_invariant, revert_batch_invariant
+    from ldm.random_model import write_random_model
+
+    bench = _bench()
+    ckpt = write_random_model(tmp_path / "tiny")
+    args = argparse.Namespace(core_workers=[2], backends=["eager", "torchscript"], batch_invariant=None)
+    pipes, compile_s = bench.ours_pipelines(ckpt, args, tmp_path / "cache", 64)
+    assert set(pipes) == set(compile_s) == {"ours / eager, 2 core workers", "ours / torchscript, 2 core workers"}
+    eager, scripted = pipes["ours / eager, 2 core workers"], pipes["ours / torchscript, 2 core workers"]
+    assert is_batch_invariant(eager.model.unet) and is_batch_invariant(scripted.model.unet)
+    revert_batch_invariant(eager.model.unet)  # what apply_backend(..., "inductor") does to its model
+    assert is_batch_invariant(scripted.model.unet)  # the TorchScript run keeps one call per shard
