@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from ldm_serve.cpu_threads import reexec_with_env
 from ldm_serve.errors import ConfigError
 
 __all__ = ["CpuAllocator", "allocator_in_use", "find_jemalloc", "use_cpu_allocator"]
@@ -74,7 +75,7 @@ def use_cpu_allocator(
     environ: Mapping[str, str] | None = None,
     library: Path | None = None,
     maps: Path = Path("/proc/self/maps"),
-    execve: Callable[[str, list[str], dict[str, str]], object] = os.execve,
+    execve: Callable[[str, list[str], Mapping[str, str]], object] = os.execve,
 ) -> str:
     """Make this process run on the allocator ``choice`` asks for; call it before torch loads.
 
@@ -115,8 +116,5 @@ def use_cpu_allocator(
     preload = env.get("LD_PRELOAD", "").strip()
     env["LD_PRELOAD"] = f"{lib} {preload}".strip()
     env[_REEXEC_MARK] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # sys.orig_argv keeps "-m launcher" and the interpreter's own options
-    execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    reexec_with_env(env, execve)
     return "jemalloc"  # only reached when execve is a recorder

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Mapping
 
-__all__ = ["quiet_openmp_for_core_workers", "reexec_with_wait_policy"]
+__all__ = ["quiet_openmp_for_core_workers", "reexec_with_env", "reexec_with_wait_policy"]
 
 
 def quiet_openmp_for_core_workers(device: str, core_workers: int | None) -> bool:
@@ -38,6 +39,19 @@ def reexec_with_wait_policy(policy: str) -> None:
     """
     if os.environ.get("OMP_WAIT_POLICY") == policy:
         return
+    reexec_with_env({**os.environ, "OMP_WAIT_POLICY": policy})
+
+
+def reexec_with_env(
+    env: Mapping[str, str], execve: Callable[[str, list[str], Mapping[str, str]], object] = os.execve
+) -> None:
+    """Replace this process by the same command line (same PID and open descriptors) under ``env``.
+
+    The command line is ``sys.orig_argv``, so ``python -m launcher ...`` and ``python -c``
+    restart as they started. Settings that a library reads once, when it loads (OpenMP's
+    wait policy, ``LD_PRELOAD``), take effect only this way. ``execve`` is ``os.execve``;
+    unit tests pass a recorder. Returns only when ``execve`` does.
+    """
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": policy})
+    execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
